@@ -1,0 +1,38 @@
+"""llr_optax: layer-wise learning rates as optax transformations.
+
+Chain any of the three methods after the whole base optimizer:
+
+    tx = optax.chain(optax.adamw(lr, weight_decay=0.1), llr_optax.scale_by_alpha_hill(total_steps=T))
+"""
+
+from llr_optax._alpha_hill import PAPER as ALPHA_HILL_PAPER
+from llr_optax._alpha_hill import RELEASED_130M as ALPHA_HILL_RELEASED_130M
+from llr_optax._alpha_hill import ScaleByAlphaHillState as ScaleByAlphaHillState
+from llr_optax._alpha_hill import alpha_hill_plan_summary as alpha_hill_plan_summary
+from llr_optax._alpha_hill import scale_by_alpha_hill as scale_by_alpha_hill
+from llr_optax._init_grad import ScaleByInitGradState as ScaleByInitGradState
+from llr_optax._init_grad import fan_in_init as fan_in_init
+from llr_optax._init_grad import init_grad_scales as init_grad_scales
+from llr_optax._init_grad import scale_by_init_grad as scale_by_init_grad
+from llr_optax._labels import DEFAULT_RULES as DEFAULT_RULES
+from llr_optax._labels import LABEL_GROUPS as LABEL_GROUPS
+from llr_optax._labels import LABELS as LABELS
+from llr_optax._labels import label_params as label_params
+from llr_optax._matrix_axes import MatrixAxes as MatrixAxes
+from llr_optax._relative import DENSE_FINAL_FRACTION as DENSE_FINAL_FRACTION
+from llr_optax._relative import DENSE_MULTIPLIERS as DENSE_MULTIPLIERS
+from llr_optax._relative import MOE_FINAL_FRACTION as MOE_FINAL_FRACTION
+from llr_optax._relative import MOE_MULTIPLIERS as MOE_MULTIPLIERS
+from llr_optax._relative import RelativeScheduleState as RelativeScheduleState
+from llr_optax._relative import cosine_progress as cosine_progress
+from llr_optax._relative import relative_base_schedule as relative_base_schedule
+from llr_optax._relative import relative_schedule as relative_schedule
+from llr_optax._relative import warmup_steps_for as warmup_steps_for
+from llr_optax._scales import current_scales as current_scales
+from llr_optax._scales import last_alphas as last_alphas
+from llr_optax._spectral import esd as esd
+from llr_optax._spectral import grouped_matrix_alphas as grouped_matrix_alphas
+from llr_optax._spectral import hill_alpha as hill_alpha
+from llr_optax._spectral import matrix_alpha as matrix_alpha
+
+__version__ = "0.1.0"

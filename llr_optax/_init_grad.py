@@ -1,0 +1,153 @@
+"""Layer-wise learning rates from the gradient magnitude at initialization.
+
+On a copy of the model initialised fan-in style (`fan_in_init`), the mean absolute gradient of
+every leaf is accumulated over T minibatches with the weights held fixed:
+`G_l = sum_t mean|g_l,t|`. Leaves with small gradients at init get large LRs: `u_l = 1/sqrt(G_l)`,
+normalised so the parameter-count-weighted mean is 1. The scales stay fixed for the whole run.
+See SPEC.md section 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llr_optax import _labels, _matrix_axes, _scales
+
+
+@_scales.register_scale_state
+class ScaleByInitGradState(NamedTuple):
+  """State of `scale_by_init_grad`: the static per-leaf factors, as float32 arrays."""
+  scales: Any
+
+
+def init_grad_scales(grads: Sequence[Any]) -> Any:
+  """Per-leaf LR factors from gradients at initialization (SPEC.md steps 2-4).
+
+  Args:
+    grads: gradient pytrees of T >= 1 minibatches, all with the same structure, taken at the same
+      (fan-in initialised) weights.
+
+  Returns:
+    A pytree of float32 scalars `s_l = u_l / (sum_l N_l u_l / sum_l N_l)` with
+    `u_l = 1 / sqrt(sum_t mean|g_l,t|)`: the parameter-count-weighted mean is 1.
+
+  Raises:
+    ValueError: `grads` is empty, the trees differ, or a leaf's gradient is zero or not finite
+      on every batch (no LR can be derived for it; the message names the leaf).
+
+  Example:
+    >>> import jax.numpy as jnp, llr_optax
+    >>> g = {"a": jnp.full((3,), 4.0), "b": jnp.full((1,), 1.0)}
+    >>> s = llr_optax.init_grad_scales([g])          # u = (1/2, 1), weighted mean 5/8
+    >>> round(float(s["a"]), 6), round(float(s["b"]), 6)
+    (0.8, 1.6)
+  """
+  grads = list(grads)
+  if not grads:
+    raise ValueError("grads must hold at least one gradient pytree (T >= 1 minibatches)")
+  treedef = jax.tree.structure(grads[0])
+  for t, g in enumerate(grads[1:], start=1):
+    if jax.tree.structure(g) != treedef:
+      raise ValueError(f"grads[{t}] has a different tree structure from grads[0]")
+  # Accumulate on the host in float64: T small reductions, and exact enough to normalise to 1.
+  total = [np.zeros((), np.float64) for _ in range(treedef.num_leaves)]
+  for g in grads:
+    for i, leaf in enumerate(jax.tree.leaves(g)):
+      total[i] = total[i] + float(jnp.mean(jnp.abs(jnp.asarray(leaf, jnp.float32))))
+  paths = [_labels.path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(grads[0])[0]]
+  for path, g_sum in zip(paths, total):
+    if not (np.isfinite(g_sum) and g_sum > 0):
+      raise ValueError(f"leaf {path!r} has a zero or non-finite gradient at init "
+                       f"(sum of mean |g| = {float(g_sum)}); no LR can be derived for it")
+  sizes = np.array([np.size(x) for x in jax.tree.leaves(grads[0])], np.float64)
+  u = np.array([1.0 / np.sqrt(g_sum) for g_sum in total])
+  s = u / (np.sum(sizes * u) / np.sum(sizes))
+  return jax.tree.unflatten(treedef, [jnp.asarray(v, jnp.float32) for v in s])
+
+
+def fan_in_init(params: Any, key: jax.Array, labels: Any = None, matrix_axes: Any = None) -> Any:
+  """A copy of `params` initialised fan-in style, for measuring `init_grad_scales`.
+
+  Matrix leaves (kernels, including the output head) are drawn from `N(0, 1 / fan_in)` with
+  fan_in the product of the reduction axes (rows of a `x @ W` kernel); norm scales become 1 and
+  biases 0. Embeddings (a lookup, not a linear map) and leaves labelled "other" keep their values.
+
+  Args:
+    params: the parameter pytree.
+    key: a JAX PRNG key.
+    labels: label tree, callable params -> label tree, or None for `label_params(params)`.
+    matrix_axes: see `scale_by_alpha_hill`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, llr_optax
+    >>> p = {"q_proj": jnp.zeros((256, 64)), "input_norm": jnp.zeros((64,))}
+    >>> q = llr_optax.fan_in_init(p, jax.random.key(0))
+    >>> round(float(q["q_proj"].std() * 16), 1), float(q["input_norm"][0])
+    (1.0, 1.0)
+  """
+  label_tree = _labels.resolve_labels(labels, params)
+  axes_tree = _matrix_axes.resolve_matrix_axes(matrix_axes, params, label_tree)
+  leaves, treedef = jax.tree.flatten(params)
+  label_list = treedef.flatten_up_to(label_tree)
+  axes_list = treedef.flatten_up_to(axes_tree)
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for x, label, axes, k in zip(leaves, label_list, axes_list, keys):
+    if label == "norm":
+      out.append(jnp.ones_like(x))
+    elif label == "bias":
+      out.append(jnp.zeros_like(x))
+    elif axes is not None and label not in ("embed", "other"):
+      fan_in = _matrix_axes.matrix_shape(x.shape, axes)[1]
+      out.append((jax.random.normal(k, x.shape, jnp.float32) / np.sqrt(fan_in)).astype(x.dtype))
+    else:
+      out.append(x)
+  return jax.tree.unflatten(treedef, out)
+
+
+def scale_by_init_grad(scales: Any) -> optax.GradientTransformation:
+  """Static layer-wise LR factors (e.g. from `init_grad_scales`), chained after the optimizer.
+
+  Args:
+    scales: a pytree with the params' structure of positive finite factors (scalars, or arrays
+      broadcastable against their leaf).
+
+  Returns:
+    An `optax.GradientTransformation` whose state `ScaleByInitGradState` holds the factors.
+
+  Raises:
+    ValueError: a factor is negative, zero or not finite (the message names the leaf).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, llr_optax
+    >>> tx = optax.chain(optax.sgd(1.0), llr_optax.scale_by_init_grad({"w": 0.5}))
+    >>> params = {"w": jnp.ones(2)}
+    >>> updates, _ = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+    >>> updates["w"]
+    Array([-0.5, -0.5], dtype=float32)
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(scales)
+  if not flat:
+    raise ValueError("scales must hold at least one factor")
+  for path, v in flat:
+    arr = np.asarray(v, np.float64)
+    if not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
+      raise ValueError(f"scales[{_labels.path_to_str(path)!r}] must be positive and finite, "
+                       f"got {arr}")
+  fixed = jax.tree.unflatten(treedef, [jnp.asarray(v, jnp.float32) for _, v in flat])
+
+  def init_fn(params):
+    del params
+    return ScaleByInitGradState(scales=fixed)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return _scales.apply_scales(updates, state.scales), state
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,164 @@
+"""`relative_schedule`: decoupled relative learning-rate schedules per module type (RLRS).
+
+Module type `m` runs `eta_m(t) = eta * (a_m c(t) + f b_m (1 - c(t)))`, where `c(t)` is the
+cosine progress after warmup. The base optimizer runs the matching cosine
+`eta(t) = eta * (c(t) + f (1 - c(t)))` (`relative_base_schedule` builds it, with the same
+warmup), so the factor chained after it is the ratio `r_m(t) = eta_m(t) / eta(t)`. See SPEC.md
+section 2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llr_optax import _labels, _scales
+
+# Paper, Table 5 (dense): label or group -> (start multiplier a_m, end multiplier b_m).
+DENSE_MULTIPLIERS: Mapping[str, tuple[float, float]] = {
+    "embed": (5.0, 0.6), "head": (1.0, 0.4), "mlp": (1.0, 0.6), "attn": (1.0, 0.2)}
+DENSE_FINAL_FRACTION = 0.06
+# Paper, Table 4 (mixture of experts).
+MOE_MULTIPLIERS: Mapping[str, tuple[float, float]] = {
+    "embed": (5.0, 0.6), "head": (0.6, 0.4), "router": (0.6, 1.0), "expert": (0.3, 1.125),
+    "attn": (1.0, 1.0)}
+MOE_FINAL_FRACTION = 0.04
+# Paper: warmup over 1% of the steps.
+WARMUP_FRACTION = 0.01
+
+
+@_scales.register_scale_state
+class RelativeScheduleState(NamedTuple):
+  """State of `relative_schedule`.
+
+  Attributes:
+    count: number of updates applied so far (int32).
+    scales: the per-leaf factors `r_m(t)` the last update applied (scalar per leaf).
+  """
+  count: jax.Array
+  scales: Any
+
+
+def _validate(total_steps, final_fraction, warmup_steps):
+  total_steps = _scales.check_int("total_steps", total_steps, 1)
+  final_fraction = _scales.check_positive("final_fraction", final_fraction)
+  warmup_steps = _scales.check_int("warmup_steps", warmup_steps, 0)
+  if warmup_steps >= total_steps:
+    raise ValueError(f"warmup_steps must be < total_steps, got {warmup_steps} >= {total_steps}")
+  return total_steps, final_fraction, warmup_steps
+
+
+def cosine_progress(step: jax.Array, total_steps: int, warmup_steps: int = 0) -> jax.Array:
+  """`c(t)`: 1 during warmup, then `(1 + cos(pi p)) / 2` with p going 0 -> 1 until total_steps.
+
+  Matches `optax.warmup_cosine_decay_schedule(..., warmup_steps, decay_steps=total_steps)`.
+  """
+  decay = max(total_steps - warmup_steps, 1)
+  p = jnp.clip((jnp.asarray(step, jnp.float32) - warmup_steps) / decay, 0.0, 1.0)
+  return 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+
+
+def relative_base_schedule(peak_lr: float, total_steps: int, final_fraction: float,
+                           warmup_steps: int = 0) -> optax.Schedule:
+  """The base LR `eta(t)` that `relative_schedule` with the same arguments assumes.
+
+  Linear warmup from 0 to `peak_lr`, then cosine down to `final_fraction * peak_lr` at
+  `total_steps`. Build both from the same numbers so they cannot disagree.
+
+  Example:
+    >>> import llr_optax
+    >>> sched = llr_optax.relative_base_schedule(1e-3, total_steps=100, final_fraction=0.06)
+    >>> round(float(sched(0)), 8), round(float(sched(100)), 8)
+    (0.001, 6e-05)
+  """
+  total_steps, final_fraction, warmup_steps = _validate(total_steps, final_fraction, warmup_steps)
+  peak_lr = _scales.check_positive("peak_lr", peak_lr)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps, decay_steps=total_steps,
+      end_value=peak_lr * final_fraction)
+
+
+def relative_schedule(
+    multipliers: Mapping[str, tuple[float, float]],
+    total_steps: int,
+    final_fraction: float,
+    warmup_steps: int = 0,
+    labels: Any = None,
+) -> optax.GradientTransformation:
+  """Per-module relative LR schedules (RLRS), chained after a base optimizer on the cosine.
+
+  Each leaf labelled `m` is scaled by
+  `r_m(t) = (a_m c(t) + f b_m (1 - c(t))) / (c(t) + f (1 - c(t)))`, so that with the base LR
+  `relative_base_schedule(eta, total_steps, f, warmup_steps)` its effective LR is
+  `eta_m(t) = eta (a_m c(t) + f b_m (1 - c(t)))`. Leaves whose label has no multiplier keep 1.
+
+  Args:
+    multipliers: label or group ("attn", "mlp") -> `(a_m, b_m)`, e.g. `DENSE_MULTIPLIERS`.
+    total_steps: training length `T` (the cosine reaches its end here).
+    final_fraction: `f`, the base schedule's final LR as a fraction of its peak (paper: 0.06
+      dense, 0.04 MoE).
+    warmup_steps: linear warmup length (paper: 1% of steps); `r_m = a_m` during warmup.
+    labels: label tree, callable params -> label tree, or None for `label_params(params)`.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `RelativeScheduleState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, llr_optax
+    >>> steps = 1000
+    >>> base = llr_optax.relative_base_schedule(3e-4, steps, llr_optax.DENSE_FINAL_FRACTION, 10)
+    >>> tx = optax.chain(optax.adamw(base, weight_decay=0.1),
+    ...                  llr_optax.relative_schedule(llr_optax.DENSE_MULTIPLIERS, steps,
+    ...                                              llr_optax.DENSE_FINAL_FRACTION, 10))
+    >>> params = {"embed_tokens": jnp.ones((8, 4)), "q_proj": jnp.ones((4, 4))}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update(params, state, params)
+    >>> {k: float(v) for k, v in llr_optax.current_scales(state).items()}
+    {'embed_tokens': 5.0, 'q_proj': 1.0}
+  """
+  total_steps, final_fraction, warmup_steps = _validate(total_steps, final_fraction, warmup_steps)
+  if not isinstance(multipliers, Mapping) or not multipliers:
+    raise ValueError("multipliers must be a non-empty mapping label -> (start, end)")
+  table = {}
+  for key, pair in multipliers.items():
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+      raise ValueError(f"multipliers[{key!r}] must be a (start, end) pair, got {pair!r}")
+    table[key] = (_scales.check_positive(f"multipliers[{key!r}][0]", pair[0]),
+                  _scales.check_positive(f"multipliers[{key!r}][1]", pair[1]))
+  owner = _labels.expand_label_keys(list(table), "multipliers", _labels.labels_in(labels))
+
+  def factors(count, label_tree):
+    c = cosine_progress(count, total_steps, warmup_steps)
+    base = c + final_fraction * (1.0 - c)
+
+    def one(label):
+      if label not in owner:
+        return jnp.ones([], jnp.float32)
+      a, b = table[owner[label]]
+      return (a * c + final_fraction * b * (1.0 - c)) / base
+
+    return jax.tree.map(one, label_tree)
+
+  def init_fn(params):
+    label_tree = _labels.resolve_labels(labels, params)
+    zero = jnp.zeros([], jnp.int32)
+    return RelativeScheduleState(count=zero, scales=factors(zero, label_tree))
+
+  def update_fn(updates, state, params=None):
+    del params
+    label_tree = _labels.resolve_labels(labels, updates)
+    scales = factors(state.count, label_tree)
+    new_state = RelativeScheduleState(count=optax.safe_increment(state.count), scales=scales)
+    return _scales.apply_scales(updates, scales), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def warmup_steps_for(total_steps: int, fraction: float = WARMUP_FRACTION) -> int:
+  """The paper's warmup length: `fraction` of the steps, at least 1 when training at all."""
+  return max(1, math.ceil(fraction * total_steps)) if total_steps > 1 else 0
