@@ -1,0 +1,503 @@
+"""Tests of the trainer's data pipeline (train/corpus.py, train/data.py)."""
+
+from __future__ import annotations
+
+import bz2
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from train import corpus as corpus_lib
+from train import data as data_lib
+from train.corpus import clean_wikitext
+from train.data import (
+    ByteTokenizer,
+    DataConfig,
+    build_data,
+    encode_documents,
+    get_tokenizer,
+    num_windows,
+    split_documents,
+    val_batches,
+    window,
+)
+
+# A single process unless a test says otherwise; avoids touching jax in most tests.
+SINGLE = dict(shard_index=0, shard_count=1)
+
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
+    "rho sigma tau upsilon phi chi psi omega"
+).split()
+
+
+def _documents(n: int, seed: int = 0) -> list[str]:
+    """n distinct, deterministic documents of 40-120 words (with some non-ASCII)."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n):
+        words = rng.choice(WORDS, size=int(rng.integers(40, 120)))
+        docs.append(f"Document {i} café naïve. " + " ".join(words) + ".")
+    return docs
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(_documents(40)) + "\n", encoding="utf-8")
+    return path
+
+
+def _batches_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------
+# Wiki markup cleaner and dump parser
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "wikitext, expected",
+    [
+        ("'''Anarchism''' is a [[political philosophy]].",
+         "Anarchism is a political philosophy."),
+        ("See [[Pierre-Joseph Proudhon|Proudhon]] and [[anarchy|]].",
+         "See Proudhon and anarchy."),
+        ("A {{citation needed|date={{CURRENTYEAR}}}} claim.{{Infobox\n| a = b\n|}}",
+         "A claim."),
+        ("Before\n{| class=\"wikitable\"\n|-\n| cell {{x}} || [[y]]\n|}\nAfter",
+         "Before\nAfter"),
+        ("[[File:A.jpg|thumb|A caption with [[link]] and [note] text.]]Text "
+         "[[Image:B.png|left]][[Category:Philosophy]][[de:Anarchismus]]here.",
+         "Text here."),
+        ("Visit [http://example.com the site] or [https://x.org].", "Visit the site or."),
+        ("Claim.<ref name=\"a\">{{cite book|title=X}}</ref> More<ref name=b /> text.",
+         "Claim. More text."),
+        ("== History ==\nThe ''early'' period<!-- hidden -->.\n=== Sub ===\n* item one\n# item two",
+         "History\nThe early period.\nSub\nitem one\nitem two"),
+        ("x&nbsp;&lt;&nbsp;y &amp; <small>small</small> E=mc<sup>2</sup><br />end",
+         "x < y & small E=mc2end"),
+        ("Label of [http://a.b/c talk at [[University of X|UX]], 1962] kept.",
+         "Label of talk at UX, 1962 kept."),
+        ("Greek ({{lang-grc|ἀναρχία}}) word", "Greek word"),
+        ("{{unclosed template\nBody   text\t here.", "unclosed template\nBody text here."),
+        ("__NOTOC__\n{{Main|X}}\n\n\nPara one.\n----\nPara two.", "Para one.\nPara two."),
+    ],
+)
+def test_clean_wikitext(wikitext, expected):
+    assert clean_wikitext(wikitext) == expected
+
+
+def _write_dump(path, pages, namespace="http://www.mediawiki.org/xml/export-0.11/"):
+    """A minimal MediaWiki dump; pages = [(title, ns, text, is_redirect)]."""
+    from xml.sax.saxutils import escape
+
+    body = []
+    for title, ns, text, redirect in pages:
+        body.append(
+            f"<page><title>{escape(title)}</title><ns>{ns}</ns><id>1</id>"
+            + ('<redirect title="X" />' if redirect else "")
+            + f'<revision><id>2</id><text xml:space="preserve">{escape(text)}</text>'
+            + "</revision></page>"
+        )
+    xml = f'<mediawiki xmlns="{namespace}" version="0.11"><siteinfo/>{"".join(body)}</mediawiki>'
+    with bz2.open(path, "wt", encoding="utf-8") as f:
+        f.write(xml)
+
+
+def test_wiki_dump_parsing_skips_redirects_and_other_namespaces(tmp_path):
+    path = tmp_path / "dump.xml.bz2"
+    article = "'''Foo''' is a [[bar|thing]] with <ref>x</ref> words. " * 10
+    _write_dump(path, [
+        ("Foo", 0, article, False),
+        ("Redirected", 0, "#REDIRECT [[Foo]]", True),
+        ("Redirect without tag", 0, "#redirect [[Foo]]", False),
+        ("Wikipedia:Policy", 4, article, False),
+        ("Stub", 0, "Tiny.", False),
+    ])
+    titles = [t for t, _ in corpus_lib.iter_wiki_articles(path)]
+    assert titles == ["Foo", "Stub"]
+    corpus = corpus_lib.load_wiki_corpus(path, min_chars=50)
+    assert len(corpus.documents) == 1  # the stub is dropped
+    assert corpus.documents[0].startswith("Foo\nFoo is a thing with words. Foo is a thing")
+
+
+def test_default_corpus_is_clean_english_wikipedia():
+    corpus = corpus_lib.load_default_corpus()
+    if corpus_lib.find_enwiki_sample() is None:
+        pytest.skip("gensim is not installed: the default corpus is the pydoc fallback")
+    assert "enwiki" in corpus.name
+    assert len(corpus.documents) > 100
+    text = "\n".join(corpus.documents)
+    for markup in ("[[", "]]", "{{", "}}", "<ref", "{|", "'''"):
+        assert markup not in text, markup
+    assert corpus.documents[0].startswith("Anarchism\nAnarchism is a political philosophy")
+    assert text.count(" the ") > 10_000  # English prose
+    assert "gensim" not in sys.modules  # located as a data file, never imported
+
+
+def test_fallback_corpus_without_gensim(monkeypatch):
+    monkeypatch.setattr(corpus_lib, "find_enwiki_sample", lambda: None)
+    corpus = corpus_lib.load_default_corpus()
+    assert "pydoc" in corpus.name
+    assert len(corpus.documents) > 50
+    assert all(d.strip() for d in corpus.documents)
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------
+
+
+def test_byte_tokenizer_round_trip():
+    tok = get_tokenizer("byte")
+    assert isinstance(tok, ByteTokenizer) and isinstance(tok, data_lib.Tokenizer)
+    assert tok.vocab_size == 257 and tok.eos_id == 256
+    text = "Héllo, wörld — ναί 日本 🙂"
+    ids = tok.encode(text)
+    assert ids.dtype == np.int32
+    assert len(ids) == len(text.encode("utf-8"))
+    assert ids.max() < 256
+    assert tok.decode(ids) == text
+    assert tok.decode(np.append(ids, tok.eos_id)) == text  # EOS is skipped
+    assert tok.token_bytes.shape == (257,) and tok.token_bytes[256] == 0
+    assert tok.token_bytes[:256].tolist() == [1] * 256
+
+
+def test_get_tokenizer_errors():
+    with pytest.raises(ValueError, match="Unknown tokenizer 'wordpiece'"):
+        get_tokenizer("wordpiece")
+    with pytest.raises(ValueError, match="vocab_size"):
+        get_tokenizer("byte", vocab_size=1000)
+    with pytest.raises(ValueError, match="Unknown tokenizer"):
+        DataConfig(tokenizer="nope")
+
+
+def test_sentencepiece_missing_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"pip install 'llr-optax\[sentencepiece\]'"):
+        get_tokenizer("sentencepiece", documents=["some text"], vocab_size=400)
+
+
+def test_sentencepiece_trains_caches_and_round_trips(tmp_path):
+    pytest.importorskip("sentencepiece")
+    docs = _documents(60)
+    tok = get_tokenizer("sentencepiece", documents=docs, vocab_size=400, cache_dir=tmp_path)
+    cached = sorted(tmp_path.glob("*.model"))
+    assert len(cached) == 1
+    assert 300 <= tok.vocab_size <= 400
+    text = "Document 7 café naïve. gamma delta Ωmega"
+    assert tok.decode(tok.encode(text)) == text
+    # Same corpus and size: loaded from the cache, no second model.
+    tok2 = get_tokenizer("sentencepiece", documents=docs, vocab_size=400, cache_dir=tmp_path)
+    assert tok2.model_path == tok.model_path
+    assert np.array_equal(tok2.encode(text), tok.encode(text))
+    # token_bytes sums to the UTF-8 size, up to the dummy-prefix space.
+    n = int(tok.token_bytes[tok.encode(text)].sum())
+    assert n - len(text.encode("utf-8")) in (0, 1)
+
+
+# --------------------------------------------------------------------------------------
+# Split, encode, pack
+# --------------------------------------------------------------------------------------
+
+
+def test_split_by_document_is_disjoint_and_deterministic():
+    docs = _documents(100)
+    train, val = split_documents(docs, 0.1, seed=0)
+    assert len(val) == 10 and len(train) == 90
+    assert set(train).isdisjoint(val) and set(train) | set(val) == set(docs)
+    assert split_documents(docs, 0.1, seed=0) == (train, val)
+    # Independent of document order; dependent on the split seed.
+    train_r, val_r = split_documents(docs[::-1], 0.1, seed=0)
+    assert set(val_r) == set(val)
+    assert set(split_documents(docs, 0.1, seed=1)[1]) != set(val)
+    # Degenerate cases.
+    assert split_documents(docs, 0.0) == (docs, [])
+    assert len(split_documents(docs[:3], 0.01)[1]) == 1  # at least one val doc
+    head, tail = split_documents(["line one\nline two\nline three"], 0.3)
+    assert head == ["line one\nline two"] and tail == ["line three"]
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_documents(docs, 1.0)
+
+
+def test_encode_documents_appends_eos():
+    tok = ByteTokenizer()
+    stream = encode_documents(["ab", "é"], tok)
+    assert stream.tolist() == [97, 98, 256, 0xC3, 0xA9, 256]
+
+
+def test_windows_tile_the_stream():
+    stream = np.arange(1000, dtype=np.int32)
+    seq_len = 7
+    n = num_windows(len(stream), seq_len)
+    assert n == (1000 - 1) // 7
+    wins = [window(stream, i, seq_len) for i in range(n)]
+    for w in wins:
+        assert w["inputs"].shape == w["targets"].shape == (seq_len,)
+        assert np.array_equal(w["targets"][:-1], w["inputs"][1:])  # shifted by one
+    inputs = np.concatenate([w["inputs"] for w in wins])
+    targets = np.concatenate([w["targets"] for w in wins])
+    assert np.array_equal(inputs, stream[: n * seq_len])  # windows concatenate back
+    assert np.array_equal(targets, stream[1 : n * seq_len + 1])  # each token once
+
+
+# --------------------------------------------------------------------------------------
+# Training iterator
+# --------------------------------------------------------------------------------------
+
+
+def test_train_batches_shape_and_shift(text_file):
+    data = build_data(DataConfig(source=str(text_file), seq_len=16, batch_size=4, **SINGLE))
+    assert data.steps_per_epoch == num_windows(data.num_train_tokens, 16) // 4
+    it = data.train_iter()
+    for _ in range(data.steps_per_epoch + 2):  # runs past the first epoch
+        b = next(it)
+        assert set(b) == {"inputs", "targets"}
+        assert b["inputs"].shape == b["targets"].shape == (4, 16)
+        assert b["inputs"].dtype == b["targets"].dtype == np.int32
+        assert np.array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+
+
+# A stream of distinct ids: a batch row identifies its window as row[0] // seq_len.
+UNIQUE = np.arange(10 * 8 * 6 + 5, dtype=np.int32)
+
+
+def _window_ids(batches, seq_len: int) -> list[int]:
+    ids = []
+    for b in batches:
+        for row, tgt in zip(b["inputs"], b["targets"]):
+            start = int(row[0])
+            assert start % seq_len == 0
+            assert np.array_equal(row, UNIQUE[start : start + seq_len])
+            assert np.array_equal(tgt, UNIQUE[start + 1 : start + seq_len + 1])
+            ids.append(start // seq_len)
+    return ids
+
+
+def test_train_epochs_are_shuffled_permutations_of_all_windows():
+    seq_len, bs = 8, 6
+    n = num_windows(len(UNIQUE), seq_len)  # 60 windows = 10 batches per epoch
+    ds = data_lib.train_dataset(UNIQUE, seq_len=seq_len, batch_size=bs, seed=0, num_epochs=2)
+    ids = _window_ids(list(ds), seq_len)
+    assert len(ids) == 2 * n
+    epoch1, epoch2 = ids[:n], ids[n:]
+    assert sorted(epoch1) == sorted(epoch2) == list(range(n))
+    assert epoch1 != sorted(epoch1) and epoch1 != epoch2  # reshuffled every epoch
+    same = data_lib.train_dataset(UNIQUE, seq_len=seq_len, batch_size=bs, seed=0, num_epochs=2)
+    assert _window_ids(list(same), seq_len) == ids
+
+
+def test_train_shards_are_disjoint_and_equal_sized():
+    seq_len, bs = 8, 2
+    n = num_windows(len(UNIQUE), seq_len)
+    seen = []
+    for i in range(3):
+        ds = data_lib.train_dataset(UNIQUE, seq_len=seq_len, batch_size=bs, num_epochs=1,
+                                    shard_index=i, shard_count=3)
+        ids = _window_ids(list(ds), seq_len)
+        assert len(ids) == len(set(ids)) == n // 3 // bs * bs
+        seen.append(set(ids))
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+
+
+def test_train_iterator_checkpoint_round_trip(text_file, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    data = build_data(DataConfig(source=str(text_file), seq_len=16, batch_size=4, seed=3,
+                                 **SINGLE))
+    # More steps than one epoch, so the restore crosses an epoch boundary.
+    k, more = 5, data.steps_per_epoch + 3
+    it = data.train_iter()
+    for _ in range(k):
+        next(it)
+    state = it.get_state()
+    ckpt = tmp_path / "ckpt"
+    params = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3)}
+    with ocp.CheckpointManager(ckpt) as mngr:
+        mngr.save(k, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), data=data_lib.save_iterator_args(it)))
+        mngr.wait_until_finished()
+    expected = [next(it) for _ in range(more)]
+
+    # 1) get_state / set_state on a fresh iterator.
+    it2 = data.train_iter()
+    it2.set_state(state)
+    assert all(_batches_equal(a, next(it2)) for a in expected)
+
+    # 2) orbax restore into a fresh iterator (fresh Data too, as after a restart).
+    data2 = build_data(DataConfig(source=str(text_file), seq_len=16, batch_size=4, seed=3,
+                                  **SINGLE))
+    it3 = data2.train_iter()
+    with ocp.CheckpointManager(ckpt) as mngr:
+        restored = mngr.restore(k, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params), data=data_lib.restore_iterator_args(it3)))
+    assert np.array_equal(restored["params"]["w"], params["w"])
+    assert it3.get_state() == state
+    assert all(_batches_equal(a, next(it3)) for a in expected)
+
+    # A different seed gives a different order.
+    other = build_data(DataConfig(source=str(text_file), seq_len=16, batch_size=4, seed=4,
+                                  **SINGLE)).train_iter()
+    fresh = data.train_iter()
+    assert not _batches_equal(next(other), next(fresh))
+
+
+def test_finite_epochs_stop(text_file):
+    data = build_data(DataConfig(source=str(text_file), seq_len=16, batch_size=4, num_epochs=2,
+                                 num_threads=0, **SINGLE))
+    n = num_windows(data.num_train_tokens, 16)
+    assert len(list(data.train_iter())) == (2 * n) // 4
+
+
+# --------------------------------------------------------------------------------------
+# Validation pass
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_tokens, seq_len, batch_size", [(101, 10, 4), (100, 10, 3), (7, 10, 2)])
+def test_val_pass_covers_every_target_once(n_tokens, seq_len, batch_size):
+    stream = np.arange(1, n_tokens + 1, dtype=np.int32)  # ids != 0, so padding is visible
+    batches = list(val_batches(stream, seq_len=seq_len, batch_size=batch_size))
+    assert len(batches) == math.ceil(math.ceil((n_tokens - 1) / seq_len) / batch_size)
+    targets, inputs = [], []
+    for b in batches:
+        assert b["inputs"].shape == b["targets"].shape == b["mask"].shape == (batch_size, seq_len)
+        assert b["mask"].dtype == np.float32
+        m = b["mask"] > 0
+        assert np.all(b["targets"][~m] == 0) and np.all(b["inputs"][~m] == 0)
+        targets.append(b["targets"][m])
+        inputs.append(b["inputs"][m])
+    # Every token but the first is a target exactly once, in order, after its input.
+    assert np.array_equal(np.concatenate(targets), stream[1:])
+    assert np.array_equal(np.concatenate(inputs), stream[:-1])
+    again = list(val_batches(stream, seq_len=seq_len, batch_size=batch_size))
+    assert all(_batches_equal(a, b) for a, b in zip(batches, again))
+
+
+def test_val_pass_sharded_is_a_partition():
+    stream = np.arange(1, 200, dtype=np.int32)
+    full = np.concatenate([b["targets"][b["mask"] > 0]
+                           for b in val_batches(stream, seq_len=8, batch_size=3)])
+    parts, counts = [], []
+    for i in range(3):
+        batches = list(val_batches(stream, seq_len=8, batch_size=3, shard_index=i, shard_count=3))
+        counts.append(len(batches))
+        parts += [b["targets"][b["mask"] > 0] for b in batches]
+    assert len(set(counts)) == 1  # same number of steps on every process
+    assert sorted(np.concatenate(parts).tolist()) == sorted(full.tolist())
+
+
+def test_build_data_val_split_and_bytes(text_file):
+    data = build_data(DataConfig(source=str(text_file), seq_len=32, batch_size=4,
+                                 val_fraction=0.1, **SINGLE))
+    assert data.vocab_size == 257 and data.eos_id == 256
+    assert data.num_train_docs == 36 and data.num_val_docs == 4
+    assert data.corpus_name == str(text_file)
+    batches = list(data.val_batches())
+    assert len(batches) == data.num_val_batches
+    assert sum(b["mask"].sum() for b in batches) == data.num_val_targets
+    # The val stream is the val documents, each + EOS; bytes exclude EOS and the first.
+    _, val_docs = split_documents(_documents(40), 0.1, seed=0)
+    assert np.array_equal(data.val_tokens, encode_documents(val_docs, ByteTokenizer()))
+    assert data.val_bytes == sum(len(d.encode()) for d in val_docs) - 1
+    assert data.bits_per_byte(math.log(2) * data.val_bytes) == pytest.approx(1.0)
+    # No validation document text leaks into training.
+    train_text = ByteTokenizer().decode(data.train_tokens)
+    assert not any(d in train_text for d in val_docs)
+    assert "byte" in data.summary()
+
+
+def test_build_data_default_corpus():
+    data = build_data(DataConfig(**SINGLE))
+    assert data.num_train_tokens > 1_000_000 and data.num_val_tokens > 10_000
+    assert data.val_bytes > 0.99 * data.num_val_tokens
+    first = next(iter(data.val_batches()))
+    assert first["inputs"].shape == (16, 128)
+
+
+# --------------------------------------------------------------------------------------
+# User data
+# --------------------------------------------------------------------------------------
+
+
+def test_load_txt_jsonl_and_directory(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("first doc\nstill first\n\n  \n\nsecond doc\n", encoding="utf-8")
+    assert corpus_lib.load_documents(txt) == ["first doc\nstill first", "second doc"]
+
+    jl = tmp_path / "a.jsonl"
+    jl.write_text(json.dumps({"body": "one"}) + "\n\n" + json.dumps({"body": "twö"}) + "\n",
+                  encoding="utf-8")
+    assert corpus_lib.load_documents(jl, text_field="body") == ["one", "twö"]
+    with pytest.raises(ValueError, match="'text' field"):
+        corpus_lib.load_documents(jl)
+
+    d = tmp_path / "docs"
+    (d / "sub").mkdir(parents=True)
+    (d / "b.txt").write_text("doc b\n\nsame doc b", encoding="utf-8")
+    (d / "sub" / "a.txt").write_text("doc a", encoding="utf-8")
+    (d / "ignored.md").write_text("nope", encoding="utf-8")
+    assert corpus_lib.load_documents(d) == ["doc b\n\nsame doc b", "doc a"]
+
+
+def test_build_data_from_jsonl(tmp_path):
+    jl = tmp_path / "data.jsonl"
+    jl.write_text("".join(json.dumps({"text": d}) + "\n" for d in _documents(20)),
+                  encoding="utf-8")
+    # Shards default to jax.process_index() / jax.process_count().
+    data = build_data(DataConfig(source=str(jl), seq_len=16, batch_size=2))
+    assert (data.shard_index, data.shard_count) == (0, 1)
+    assert data.num_train_docs + data.num_val_docs == 20
+    assert next(data.train_iter())["inputs"].shape == (2, 16)
+
+
+def test_build_data_from_npy(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 50, size=5000).astype(np.int64)
+    path = tmp_path / "tokens.npy"
+    np.save(path, ids)
+    data = build_data(DataConfig(source=str(path), seq_len=32, batch_size=4, val_fraction=0.1,
+                                 **SINGLE))
+    assert data.tokenizer is None and data.val_bytes is None
+    assert data.vocab_size == int(ids.max()) + 1
+    assert data.num_val_tokens == 500 and data.num_train_tokens == 4500
+    assert np.array_equal(np.concatenate([data.train_tokens, data.val_tokens]), ids)
+    b = next(data.train_iter())
+    assert b["inputs"].dtype == np.int32 and b["inputs"].shape == (4, 32)
+    assert build_data(DataConfig(source=str(path), vocab_size=64, seq_len=32,
+                                 **SINGLE)).vocab_size == 64
+    with pytest.raises(ValueError, match="vocab_size=10"):
+        build_data(DataConfig(source=str(path), vocab_size=10, seq_len=32, **SINGLE))
+    with pytest.raises(ValueError, match="bits per byte"):
+        data.bits_per_byte(1.0)
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3), np.int32))
+    with pytest.raises(ValueError, match="1-D"):
+        build_data(DataConfig(source=str(tmp_path / "bad.npy"), **SINGLE))
+
+
+def test_user_data_errors(tmp_path, text_file):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        build_data(DataConfig(source=str(missing), **SINGLE))
+    odd = tmp_path / "data.csv"
+    odd.write_text("a,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="Unsupported data file extension '.csv'"):
+        build_data(DataConfig(source=str(odd), **SINGLE))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty"):
+        build_data(DataConfig(source=str(empty), **SINGLE))
+    np.save(tmp_path / "empty.npy", np.zeros(0, np.int32))
+    with pytest.raises(ValueError, match="empty"):
+        build_data(DataConfig(source=str(tmp_path / "empty.npy"), **SINGLE))
+    with pytest.raises(ValueError, match=r"seq_len=100000 .* only \d+ tokens"):
+        build_data(DataConfig(source=str(text_file), seq_len=100_000, **SINGLE))
+    with pytest.raises(ValueError, match="Unknown tokenizer 'bpe'"):
+        build_data(DataConfig(source=str(text_file), tokenizer="bpe", **SINGLE))
+    no_txt = tmp_path / "no_txt"
+    no_txt.mkdir()
+    with pytest.raises(ValueError, match=r"No \*\.txt files"):
+        build_data(DataConfig(source=str(no_txt), **SINGLE))
