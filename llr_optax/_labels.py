@@ -45,7 +45,7 @@ DEFAULT_RULES: tuple[tuple[str, str], ...] = (
     (r"norm|rms|layer_?norm|" + rf"{_SEP}ln(_\w*)?{_END}", "norm"),
     (r"router|" + rf"(moe|block_sparse_moe)/(gate|wg){_END}", "router"),
     (rf"{_SEP}experts?{_END}|{_SEP}experts?_|moe_?(mlp|ffn)", "expert"),
-    (r"lm_head|unembed|logits_dense|" + rf"{_SEP}(output|head|decoder){_END}", "head"),
+    (r"lm_head|unembed|logits_dense|" + rf"{_SEP}(output|head){_END}", "head"),
     (rf"embed|{_SEP}(wte|wpe|tok_embeddings|word_embeddings|position_embeddings){_END}", "embed"),
     (rf"gate_proj|{_SEP}(w1|wi_0|w_gate){_END}|{_FFN}/gate{_END}", "mlp_gate"),
     (rf"up_proj|{_SEP}(w3|wi_1|wi|c_fc|fc1|w_up){_END}|{_FFN}/(up|fc_in){_END}", "mlp_up"),
@@ -63,9 +63,15 @@ LabelsOrFn = Any  # a pytree of strings with the params' structure, or params ->
 
 
 def path_to_str(path: Sequence[Any]) -> str:
-  """Joins a JAX key path into a lower-case "a/b/0/c" string."""
+  """Joins a JAX key path into a lower-case "a/b/0/c" string.
+
+  Attribute keys named `value`/`raw_value` are dropped: they are the inside of a Flax NNX
+  `Variable` (`.../q_proj/kernel/.value`), not part of the parameter's name.
+  """
   parts = []
   for key in path:
+    if isinstance(key, jax.tree_util.GetAttrKey) and key.name in ("value", "raw_value"):
+      continue
     for attr in ("key", "name", "idx"):
       if hasattr(key, attr):
         parts.append(str(getattr(key, attr)))

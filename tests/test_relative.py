@@ -1,0 +1,119 @@
+"""relative_schedule: effective per-module LR equals the RLRS formula eta_m(t) (SPEC.md section 2)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import llr_optax
+
+PEAK = 3e-3
+TOTAL, WARMUP, F = 200, 10, 0.06
+
+
+def np_eta_m(t, a, b, peak=PEAK, total=TOTAL, warmup=WARMUP, f=F):
+  """RLRS per-module LR, written from the paper's formula: warmup linear to a*peak, then cosine."""
+  if t < warmup:
+    return peak * t / warmup * a
+  p = min((t - warmup) / (total - warmup), 1.0)
+  c = 0.5 * (1 + math.cos(math.pi * p))
+  return peak * (a * c + f * b * (1 - c))
+
+
+PARAMS = {
+    "model": {"embed_tokens": {"embedding": jnp.zeros((8, 4))},
+              "layers": [{"self_attn": {"q_proj": {"kernel": jnp.zeros((4, 4))},
+                                        "o_proj": {"kernel": jnp.zeros((4, 4))}},
+                          "mlp": {"up_proj": {"kernel": jnp.zeros((4, 8))}},
+                          "input_layernorm": {"scale": jnp.zeros(4)}}]},
+    "lm_head": {"kernel": jnp.zeros((4, 8))}}
+
+
+def effective_lrs(multipliers, steps):
+  """With SGD on the matching base schedule and unit gradients, -update is the effective LR."""
+  base = llr_optax.relative_base_schedule(PEAK, TOTAL, F, WARMUP)
+  tx = optax.chain(optax.sgd(base),
+                   llr_optax.relative_schedule(multipliers, TOTAL, F, WARMUP))
+  state = tx.init(PARAMS)
+  update = jax.jit(tx.update)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  out = []
+  for _ in range(steps):
+    updates, state = update(grads, state, PARAMS)
+    out.append(jax.tree.map(lambda u: -float(u.reshape(-1)[0]), updates))
+  return out
+
+
+def test_effective_lr_matches_rlrs_formula_at_every_step():
+  lrs = effective_lrs(llr_optax.DENSE_MULTIPLIERS, TOTAL + 5)
+  table = {"embed": (5.0, 0.6), "head": (1.0, 0.4), "mlp": (1.0, 0.6), "attn": (1.0, 0.2)}
+  for t, lr in enumerate(lrs):
+    layer = lr["model"]["layers"][0]
+    checks = [(lr["model"]["embed_tokens"]["embedding"], table["embed"]),
+              (lr["lm_head"]["kernel"], table["head"]),
+              (layer["mlp"]["up_proj"]["kernel"], table["mlp"]),
+              (layer["self_attn"]["q_proj"]["kernel"], table["attn"]),
+              (layer["self_attn"]["o_proj"]["kernel"], table["attn"])]
+    for got, (a, b) in checks:
+      np.testing.assert_allclose(got, np_eta_m(t, a, b), rtol=2e-5, atol=1e-10, err_msg=f"t={t}")
+    # A leaf without a multiplier (the norm) follows the base schedule: factor 1.
+    np.testing.assert_allclose(layer["input_layernorm"]["scale"], np_eta_m(t, 1.0, 1.0),
+                               rtol=2e-5, atol=1e-10)
+  # End of the run: embedding at f * 0.6 * peak.
+  np.testing.assert_allclose(lrs[TOTAL]["model"]["embed_tokens"]["embedding"], PEAK * F * 0.6,
+                             rtol=1e-5)
+
+
+def test_single_label_overrides_its_group():
+  lrs = effective_lrs({"attn": (1.0, 0.2), "attn_q": (2.0, 1.0)}, 30)
+  for t in (0, 5, 20, 29):
+    layer = lrs[t]["model"]["layers"][0]["self_attn"]
+    np.testing.assert_allclose(layer["q_proj"]["kernel"], np_eta_m(t, 2.0, 1.0), rtol=2e-5,
+                               atol=1e-10)
+    np.testing.assert_allclose(layer["o_proj"]["kernel"], np_eta_m(t, 1.0, 0.2), rtol=2e-5,
+                               atol=1e-10)
+
+
+def test_moe_table_and_warmup_helper():
+  assert llr_optax.MOE_MULTIPLIERS["expert"] == (0.3, 1.125)
+  assert llr_optax.MOE_FINAL_FRACTION == 0.04
+  assert llr_optax.warmup_steps_for(1000) == 10
+  tx = llr_optax.relative_schedule(llr_optax.MOE_MULTIPLIERS, 100, llr_optax.MOE_FINAL_FRACTION)
+  params = {"moe": {"router": {"kernel": jnp.zeros((4, 2))},
+                    "experts": {"wi_0": jnp.zeros((2, 4, 8))}}}
+  state = tx.init(params)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  scales = llr_optax.current_scales(state)
+  assert float(scales["moe"]["router"]["kernel"]) == pytest.approx(0.6)
+  assert float(scales["moe"]["experts"]["wi_0"]) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(multipliers={"embedding": (1.0, 1.0)}), "multipliers"),
+    (dict(multipliers={"embed": (1.0,)}), "multipliers"),
+    (dict(multipliers={"embed": (0.0, 1.0)}), "multipliers"),
+    (dict(multipliers={}), "multipliers"),
+    (dict(final_fraction=0.0), "final_fraction"),
+    (dict(final_fraction=-0.1), "final_fraction"),
+    (dict(total_steps=0), "total_steps"),
+    (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(warmup_steps=100), "warmup_steps"),
+])
+def test_bad_hyperparameters_name_the_parameter(kwargs, name):
+  args = dict(multipliers=llr_optax.DENSE_MULTIPLIERS, total_steps=100, final_fraction=0.06)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=name):
+    llr_optax.relative_schedule(**args)
+
+
+def test_custom_label_tree_allows_custom_labels():
+  params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
+  tx = llr_optax.relative_schedule({"mine": (2.0, 2.0)}, 10, 0.5,
+                                   labels={"a": "mine", "b": "other"})
+  state = tx.init(params)
+  updates, _ = tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state)
+  np.testing.assert_allclose(np.asarray(updates["a"]), 2.0)
+  np.testing.assert_allclose(np.asarray(updates["b"]), 1.0)
