@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llr_optax import _labels, _matrix_axes, _scales, _spectral
+from llr_optax import _labels, _matrix_axes, _scales, _sharded, _spectral
 
 MAPPING_SCOPES = ("global", "label")
 
@@ -79,13 +79,13 @@ def _initial_scales(plan: _Plan) -> Any:
   return jax.tree.unflatten(plan.treedef, leaves)
 
 
-def _compute_alphas(params, plan: _Plan, estimator: str, tiny: float) -> list[jax.Array]:
+def _compute_alphas(params, plan: _Plan, estimator: str, tiny: float, mesh=None) -> list[jax.Array]:
   """Per-leaf alpha arrays (NaN for leaves that do not take part)."""
   leaves = plan.treedef.flatten_up_to(params)
   members = [i for i, a in enumerate(plan.axes) if a is not None]
   stacks = [_matrix_axes.to_matrices(leaves[i], plan.axes[i]) for i in members]
   alphas = [jnp.full(shape, jnp.nan, jnp.float32) for shape in plan.shapes]
-  for i, a in zip(members, _spectral.grouped_matrix_alphas(stacks, estimator, tiny)):
+  for i, a in zip(members, _sharded.grouped_matrix_alphas(stacks, estimator, tiny, mesh)):
     alphas[i] = a.reshape(plan.shapes[i])
   return alphas
 
@@ -126,6 +126,7 @@ def scale_by_alpha_hill(
     mapping_scope: str = "global",
     estimator: str = "auto",
     tiny: float = _spectral.TINY_EIGENVALUE,
+    mesh: Any = None,
 ) -> optax.GradientTransformation:
   """Heavy-tail guided layer-wise learning rates (LLR), chained after the base optimizer.
 
@@ -160,6 +161,11 @@ def scale_by_alpha_hill(
       "label" (per module type).
     estimator: eigenvalue solver, see `esd`.
     tiny: eigenvalues below this are left out of the fit, see `hill_alpha`.
+    mesh: device mesh to spread the recompute over: each device forms partial Gram matrices
+      from its shard of the weights and solves its share of them (no weight or Gram stack is
+      all-gathered). None (default) uses the context mesh (`jax.set_mesh`) if one with 2+
+      devices is set, else solves locally; a `Mesh`/`AbstractMesh` uses that one; False always
+      solves locally.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `ScaleByAlphaHillState`.
@@ -204,11 +210,13 @@ def scale_by_alpha_hill(
 
   def init_fn(params):
     plan = plan_of(params)
-    scales = _initial_scales(plan)
-    nan = jax.tree.map(lambda s: jnp.full_like(s, jnp.nan), scales)
-    zero = jnp.zeros([], jnp.int32)
-    return ScaleByAlphaHillState(count=zero, scales=scales, ramp_from=scales, targets=scales,
-                                 ramp_start=zero, alphas=nan)
+    # Every field gets its own buffers: a state whose leaves alias each other cannot be donated
+    # to a jitted step ("donate the same buffer twice").
+    nan = jax.tree.map(lambda s: jnp.full_like(s, jnp.nan), _initial_scales(plan))
+    return ScaleByAlphaHillState(
+        count=jnp.zeros([], jnp.int32), scales=_initial_scales(plan),
+        ramp_from=_initial_scales(plan), targets=_initial_scales(plan),
+        ramp_start=jnp.zeros([], jnp.int32), alphas=nan)
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -221,7 +229,7 @@ def scale_by_alpha_hill(
       due = due & (count < active_steps)
 
     def recompute(_):
-      alphas = _compute_alphas(params, plan, estimator, tiny)
+      alphas = _compute_alphas(params, plan, estimator, tiny, mesh)
       prev = plan.treedef.flatten_up_to(state.scales)
       targets = _map_to_scales(alphas, prev, plan, s_min, s_max, mapping_scope)
       # The very first targets apply at once (there is no earlier layer-wise value to ramp from).

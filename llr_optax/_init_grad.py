@@ -140,11 +140,12 @@ def scale_by_init_grad(scales: Any) -> optax.GradientTransformation:
     if not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
       raise ValueError(f"scales[{_labels.path_to_str(path)!r}] must be positive and finite, "
                        f"got {arr}")
-  fixed = jax.tree.unflatten(treedef, [jnp.asarray(v, jnp.float32) for _, v in flat])
+  fixed = jax.tree.unflatten(treedef, [np.asarray(v, np.float32) for _, v in flat])
 
   def init_fn(params):
     del params
-    return ScaleByInitGradState(scales=fixed)
+    # Fresh device arrays per init: a donated state must not take the factory's own copy with it.
+    return ScaleByInitGradState(scales=jax.tree.map(jnp.asarray, fixed))
 
   def update_fn(updates, state, params=None):
     del params

@@ -124,6 +124,23 @@ def test_jit_equals_eager_and_dtype_is_kept(method):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
+def test_state_can_be_donated_and_init_twice(method):
+  # A jitted step that donates the optimizer state (as every trainer does) must accept a fresh
+  # init: no two state leaves may share a buffer, and no leaf may be the factory's own array
+  # (donating it would delete it for the next init).
+  tx = optax.chain(optax.adamw(LR), METHODS[method]())
+  params = make_params()
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(1,))
+  for _ in range(2):
+    state = tx.init(params)
+    leaves = jax.tree.leaves(state)
+    assert len({id(x) for x in leaves}) == len(leaves)
+    for t in range(2):
+      _, state = step(grads_at(t, params), state, params)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
 def test_state_survives_orbax_round_trip(method, tmp_path):
   tx = optax.chain(optax.adamw(LR), METHODS[method]())
   params = make_params()
