@@ -1,0 +1,169 @@
+"""Method x base optimizer -> one optax chain.
+
+Every layer-wise method has the same shape (SPEC.md, "Where a per-leaf LR scale goes")::
+
+    clip_by_global_norm(clip) -> base optimizer (AdamW or Muon) on the base schedule
+                              -> the method's per-leaf scale
+
+The methods differ only in the last link (and ``relative`` in the schedule it pairs
+with). LARS and LAMB are whole optimizers and replace the base instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+import llr_optax
+from train.config import TrainConfig, check_combination
+
+# Muon is applied to the hidden weight matrices only; these labels go to its AdamW.
+_ADAM_LABELS = ("embed", "head", "norm", "bias", "other")
+# Muon's update has RMS ~ 1/sqrt(max dim) before scaling; consistent_rms rescales it to
+# 0.2, AdamW's typical update RMS (Liu et al. 2025), so both share one lr and schedule.
+_MUON_CONSISTENT_RMS = 0.2
+# TempBalance: same estimator as alpha_hill, but mapped onto [0.5, 1.5], embedding and
+# head left at 1, hard switch, recomputed for the whole run (SPEC.md, Baselines).
+TEMPBALANCE = dict(s_min=0.5, s_max=1.5, fixed_scales={"embed": 1.0, "head": 1.0},
+                   ramp_steps=0, total_steps=None)
+
+
+def base_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup to ``lr``, then cosine to ``final_lr_fraction * lr`` at ``steps``.
+
+    For ``relative`` it is ``llr_optax.relative_base_schedule`` with the paper's final
+    fraction, the schedule ``relative_schedule`` divides by (built from the same numbers
+    in :func:`method_transform`, so the two cannot disagree).
+    """
+    lr = cfg.lr * (cfg.s_max if cfg.method == "upper_bound" else 1.0)
+    if cfg.method == "relative":
+        return llr_optax.relative_base_schedule(
+            lr, cfg.steps, llr_optax.DENSE_FINAL_FRACTION, cfg.warmup_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.steps, end_value=cfg.final_lr_fraction * lr)
+
+
+def muon_dimension_numbers(params: Any) -> Any:
+    """Muon's ``muon_weight_dimension_numbers``: hidden 2-D matrices -> Muon, rest -> None.
+
+    ``None`` sends embedding, head, norm scales (and anything unlabelled) to Muon's
+    internal AdamW. Labels come from ``llr_optax.label_params`` (key-path rules).
+    """
+    labels = llr_optax.label_params(params)
+
+    def one(x, label):
+        if x.ndim == 2 and label not in _ADAM_LABELS:
+            return optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
+        return None
+
+    return jax.tree.map(one, params, labels)
+
+
+def base_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW, Muon (+ AdamW for non-matrix leaves), or the standalone LARS/LAMB."""
+    if cfg.method == "lars":
+        # trust_coefficient=1: each layer's step is lr * ||w|| * direction, so `lr` is the
+        # relative change per step (optax's default 1e-3 would need lr ~ 10).
+        # No L2 term: LARS adds it to the gradient INSIDE the trust ratio, where a
+        # coefficient meant as decoupled decay (0.1) dominates the direction and the run
+        # mostly shrinks the weights (tiny preset, 300 steps, lr 1e-2: val loss 2.86 with
+        # weight_decay=0.1 here, 2.27 without).
+        return optax.lars(schedule, weight_decay=0.0, trust_coefficient=1.0,
+                          momentum=cfg.b1)
+    if cfg.method == "lamb":
+        return optax.lamb(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    return optax.contrib.muon(
+        schedule, beta=cfg.b1, weight_decay=cfg.weight_decay,
+        adam_b1=cfg.b1, adam_b2=cfg.b2, adam_weight_decay=cfg.weight_decay,
+        muon_weight_dimension_numbers=muon_dimension_numbers,
+        consistent_rms=_MUON_CONSISTENT_RMS)
+
+
+def method_transform(cfg: TrainConfig, init_scales: Any = None) -> optax.GradientTransformation:
+    """The per-leaf LR scale chained after the base optimizer (identity if none).
+
+    Args:
+      cfg: The run configuration.
+      init_scales: ``init_grad`` only: the measured factors (see :func:`measure_init_grad`).
+    """
+    if cfg.method == "alpha_hill":
+        return llr_optax.scale_by_alpha_hill(
+            s_min=cfg.s_min, s_max=cfg.s_max, interval=cfg.interval,
+            ramp_steps=cfg.ramp_steps, total_steps=cfg.steps,
+            active_fraction=cfg.active_fraction, min_eigenvalues=cfg.min_eigenvalues)
+    if cfg.method == "tempbalance":
+        return llr_optax.scale_by_alpha_hill(
+            interval=cfg.interval, min_eigenvalues=cfg.min_eigenvalues, **TEMPBALANCE)
+    if cfg.method == "relative":
+        return llr_optax.relative_schedule(
+            llr_optax.DENSE_MULTIPLIERS, cfg.steps, llr_optax.DENSE_FINAL_FRACTION,
+            cfg.warmup_steps)
+    if cfg.method == "init_grad":
+        if init_scales is None:
+            raise ValueError("method 'init_grad' needs init_scales= (measure_init_grad)")
+        return llr_optax.scale_by_init_grad(init_scales)
+    # uniform, upper_bound (lr already scaled), lars, lamb: no per-leaf factor.
+    return optax.identity()
+
+
+def build_optimizer(cfg: TrainConfig, params: Any = None, *,
+                    init_scales: Any = None) -> optax.GradientTransformation:
+    """The full optax chain for ``cfg.method`` on ``cfg.optimizer``.
+
+    Args:
+      cfg: The run configuration.
+      params: Unused except for validation of ``init_scales``' structure; kept so
+        callers can pass the params the chain will be initialised with.
+      init_scales: Required for ``init_grad``: per-leaf factors shaped like ``params``.
+
+    Returns:
+      ``clip -> base -> scale`` as one ``optax.GradientTransformation``.
+
+    Raises:
+      ValueError: ``lars``/``lamb`` with ``optimizer="muon"``, or ``init_grad``
+        without scales (or with scales for other params).
+    """
+    check_combination(cfg.method, cfg.optimizer)
+    if params is not None and init_scales is not None:
+        if jax.tree.structure(params) != jax.tree.structure(init_scales):
+            raise ValueError("init_scales do not have the structure of params")
+    parts = []
+    if cfg.clip > 0:
+        parts.append(optax.clip_by_global_norm(cfg.clip))
+    parts.append(base_optimizer(cfg, base_schedule(cfg)))
+    parts.append(method_transform(cfg, init_scales))
+    return optax.chain(*parts)
+
+
+def measure_init_grad(
+    cfg: TrainConfig,
+    grad_fn: Callable[[Any, dict], Any],
+    params: Any,
+    batches: Any,
+) -> Any:
+    """Init-gradient LR factors (SPEC.md section 3) for ``params``' structure.
+
+    Gradients are taken at a fan-in initialised copy of ``params`` (the training
+    params themselves are not touched), held fixed over ``cfg.init_grad_batches``
+    minibatches drawn from ``batches``.
+
+    Args:
+      cfg: The run configuration (``seed``, ``init_grad_batches``).
+      grad_fn: ``(params, batch) -> grads`` with ``params``' structure.
+      params: The model's parameters (a pure pytree of arrays).
+      batches: An iterator of training batches. Pass a SEPARATE iterator (the loop uses
+        a differently seeded one), so measuring does not shift the training data order.
+
+    Returns:
+      Per-leaf float32 factors whose parameter-weighted mean is 1.
+    """
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 0x1A17)
+    measured = llr_optax.fan_in_init(params, key)
+    grads = [grad_fn(measured, next(batches)) for _ in range(cfg.init_grad_batches)]
+    return llr_optax.init_grad_scales(grads)
