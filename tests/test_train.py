@@ -104,7 +104,7 @@ def test_every_method_takes_three_jitted_steps(method, optimizer, corpus, tmp_pa
     data = micro_data[1]
     model = loop.build_model(cfg, data.vocab_size)
     scales = loop.measure_init_scales(cfg, model, data) if method == "init_grad" else None
-    optimizer_ = step.new_optimizer(model, optimizers.build_optimizer(cfg, init_scales=scales))
+    optimizer_ = nnx.Optimizer(model, optimizers.build_optimizer(cfg, init_scales=scales), wrt=nnx.Param)
     before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
     it = data.train_iter()
     losses = [float(step.train_step(model, optimizer_, next(it))["loss"]) for _ in range(3)]
@@ -175,7 +175,7 @@ def test_init_grad_scales_match_independent_recomputation(corpus, tmp_path, micr
     assert np.std(got) > 0.05, "the factors should differ between leaves"
 
     # ... and they are what the optimizer applies.
-    opt = step.new_optimizer(model, optimizers.build_optimizer(cfg, init_scales=scales))
+    opt = nnx.Optimizer(model, optimizers.build_optimizer(cfg, init_scales=scales), wrt=nnx.Param)
     applied = [float(s) for s in jax.tree.leaves(llr_optax.current_scales(opt.opt_state))]
     np.testing.assert_allclose(applied, expected, rtol=1e-5)
 

@@ -325,7 +325,7 @@ def train(
     model = build_model(cfg, data.vocab_size)
     init_scales = measure_init_scales(cfg, model, data) if cfg.method == "init_grad" else None
     tx = optimizers.build_optimizer(cfg, init_scales=init_scales)
-    optimizer = step.new_optimizer(model, tx)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     train_iter = data.train_iter()
     schedule = optimizers.base_schedule(cfg)
 

@@ -71,15 +71,3 @@ def make_grad_fn(graphdef: nnx.GraphDef, rest: nnx.State):
         return jax.grad(loss)(params)
 
     return grad_fn
-
-
-def new_optimizer(model: nnx.Module, tx) -> nnx.Optimizer:
-    """``nnx.Optimizer(model, tx, wrt=nnx.Param)`` whose state arrays are all distinct.
-
-    An optax ``init`` may put one array in several state fields (e.g. the same zeros
-    as ``count`` and ``ramp_start``); donating such a state to ``train_step`` fails
-    ("donate the same buffer twice"), so every leaf gets its own copy once here.
-    """
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    nnx.update(optimizer, jax.tree.map(jnp.copy, nnx.state(optimizer)))
-    return optimizer
