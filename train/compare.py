@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    type=lambda s: _parse_list(s, config_lib.OPTIMIZERS, "optimizer"),
                    help="comma-separated base optimizers: adamw,muon (default: adamw)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per run (default: 1)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds are first-seed, first-seed + 1, ... (default: 0)")
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     p.add_argument("--lr", type=float, default=None, help="override the preset's lr")
@@ -93,7 +95,7 @@ def run_configs(args: argparse.Namespace) -> tuple[list[config_lib.TrainConfig],
                              "optimizer (run once, under adamw)")
                 continue
             lr = method_lr.get(method, args.lr)
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 extra = dict(overrides, lr=lr) if lr is not None else overrides
                 configs.append(config_lib.from_preset(
                     args.preset, method=method, optimizer=optimizer, seed=seed,
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
+    if args.first_seed < 0:
+        parser.error("--first-seed must be >= 0")
     try:
         configs, notes = run_configs(args)
     except ValueError as e:

@@ -11,8 +11,10 @@ Runs, on one preset (default ``tiny``):
 then writes a markdown report (default ``docs/results.md``) with mean ± std over seeds of
 the final validation loss and bits per byte, and two figures next to it.
 
-Interruption loses at most the group that was running: a group whose ``results.json``
-exists is read back instead of rerun (``--rerun`` forces a fresh start).
+Every run has its own folder (``runs/results/{grid,sweep}/<group>/seed<k>``); interruption
+loses at most the run in progress: a run whose ``results.json`` exists is read back instead of
+rerun (``--rerun`` forces a fresh start). So the report can also be grown step by step, e.g.
+``--methods uniform,alpha_hill`` first and the rest later.
 """
 
 from __future__ import annotations
@@ -53,19 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _group(args, out: Path, optimizer: str, method: str, seeds: int,
            lr: float | None = None) -> list[dict]:
-    """The results of one (optimizer, method, lr) group: read back if done, else run."""
-    done = out / "results.json"
-    if done.exists() and not args.rerun:
-        print(f"= {out}: already done, reading it back", flush=True)
-    else:
-        argv = ["--preset", args.preset, "--methods", method, "--optimizers", optimizer,
-                "--seeds", str(seeds), "--out", str(out), "--no-progress"]
-        argv += ["--steps", str(args.steps)] if args.steps else []
-        argv += ["--lr", f"{lr:g}", "--method-lr", f"{method}={lr:g}"] if lr is not None else []
-        print(f"> python -m train.compare {shlex.join(argv)}", flush=True)
-        compare.main(argv)
-    groups = json.loads(done.read_text(encoding="utf-8"))
-    return next(iter(groups.values()))
+    """The results of one (optimizer, method, lr) group, one seed per folder: a seed whose
+    ``results.json`` exists is read back, the others are run."""
+    found = []
+    for seed in range(seeds):
+        where = out / f"seed{seed}"
+        done = where / "results.json"
+        if done.exists() and not args.rerun:
+            print(f"= {where}: already done, reading it back", flush=True)
+        else:
+            argv = ["--preset", args.preset, "--methods", method, "--optimizers", optimizer,
+                    "--seeds", "1", "--first-seed", str(seed), "--out", str(where),
+                    "--no-progress"]
+            argv += ["--steps", str(args.steps)] if args.steps else []
+            argv += (["--lr", f"{lr:g}", "--method-lr", f"{method}={lr:g}"]
+                     if lr is not None else [])
+            print(f"> python -m train.compare {shlex.join(argv)}", flush=True)
+            compare.main(argv)
+        groups = json.loads(done.read_text(encoding="utf-8"))
+        found += next(iter(groups.values()))
+    return found
 
 
 def _stats(values: list[float]) -> str:
@@ -167,17 +176,23 @@ def main(argv: list[str] | None = None) -> int:
     runs = Path(args.runs)
     start = time.perf_counter()
     grid: dict[tuple[str, str], list[dict]] = {}
-    for optimizer in args.optimizers:
-        for method in args.methods:
-            if method in config_lib.STANDALONE_METHODS and optimizer != "adamw":
-                continue
-            grid[(optimizer, method)] = _group(args, runs / "grid" / f"{method}_{optimizer}",
-                                               optimizer, method, args.seeds)
+    # Chainable methods first, the sweep next, LARS/LAMB (whole optimizers of their own) last.
+    cells = [(o, m) for o in args.optimizers for m in args.methods
+             if m not in config_lib.STANDALONE_METHODS]
+    cells += [("adamw", m) for m in args.methods
+              if m in config_lib.STANDALONE_METHODS and "adamw" in args.optimizers]
+    standalone = [c for c in cells if c[1] in config_lib.STANDALONE_METHODS]
+    for optimizer, method in [c for c in cells if c not in standalone]:
+        grid[(optimizer, method)] = _group(args, runs / "grid" / f"{method}_{optimizer}",
+                                           optimizer, method, args.seeds)
     sweep: dict[tuple[str, float], list[dict]] = {}
     for method in SWEEP_METHODS:
         for lr in args.sweep_lrs:
             sweep[(method, lr)] = _group(args, runs / "sweep" / f"{method}_lr{lr:g}", "adamw",
                                          method, args.sweep_seeds, lr)
+    for optimizer, method in standalone:
+        grid[(optimizer, method)] = _group(args, runs / "grid" / f"{method}_{optimizer}",
+                                           optimizer, method, args.seeds)
     elapsed = time.perf_counter() - start
 
     from train import plots  # pylint: disable=import-outside-toplevel
