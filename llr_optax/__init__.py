@@ -36,3 +36,22 @@ from llr_optax._spectral import hill_alpha as hill_alpha
 from llr_optax._spectral import matrix_alpha as matrix_alpha
 
 __version__ = "0.1.0"
+
+# The public API, documented entry by entry in docs/api.md (tests/test_docs.py keeps the two in
+# sync: every name here needs an entry there, with the signature the code has).
+__all__ = [
+    # transformations
+    "scale_by_alpha_hill", "relative_schedule", "relative_base_schedule", "scale_by_init_grad",
+    "init_grad_scales", "fan_in_init",
+    # spectral estimation
+    "esd", "hill_alpha", "matrix_alpha", "grouped_matrix_alphas",
+    # labels, matrix axes, who takes part
+    "label_params", "LABELS", "LABEL_GROUPS", "DEFAULT_RULES", "MatrixAxes",
+    "alpha_hill_plan_summary",
+    # reading state
+    "current_scales", "last_alphas", "ScaleByAlphaHillState", "RelativeScheduleState",
+    "ScaleByInitGradState",
+    # helpers and constants
+    "cosine_progress", "warmup_steps_for", "ALPHA_HILL_PAPER", "ALPHA_HILL_RELEASED_130M",
+    "DENSE_MULTIPLIERS", "DENSE_FINAL_FRACTION", "MOE_MULTIPLIERS", "MOE_FINAL_FRACTION",
+]

@@ -58,6 +58,12 @@ class _Plan(NamedTuple):
   treedef: Any
 
 
+def _pinned_by_label(fixed_scales: Mapping[str, float], labels) -> dict[str, float]:
+  """`fixed_scales` keyed by single label: a group name (e.g. "attn") pins all its labels."""
+  owner = _labels.expand_label_keys(list(fixed_scales), "fixed_scales", _labels.labels_in(labels))
+  return {label: fixed_scales[key] for label, key in owner.items()}
+
+
 def _plan(params, labels, matrix_axes, fixed_scales, min_eigenvalues) -> _Plan:
   label_tree = _labels.resolve_labels(labels, params)
   axes_tree = _matrix_axes.resolve_matrix_axes(matrix_axes, params, label_tree)
@@ -155,8 +161,9 @@ def scale_by_alpha_hill(
       two axes of every leaf of rank >= 2 that is not labelled norm/bias.
     min_eigenvalues: matrices with fewer eigenvalues (min(m, n)) take no part (factor 1);
       the authors use 50.
-    fixed_scales: label -> pinned factor; default `{"embed": s_max, "head": s_max}`. Pinned
-      leaves take no part in alpha_min/alpha_max.
+    fixed_scales: label or group ("attn", "mlp") -> pinned factor (a label wins over its group);
+      default `{"embed": s_max, "head": s_max}`. Pinned leaves take no part in
+      alpha_min/alpha_max.
     mapping_scope: "global" (min/max over all participating matrices, the paper's default) or
       "label" (per module type).
     estimator: eigenvalue solver, see `esd`.
@@ -196,8 +203,8 @@ def scale_by_alpha_hill(
   min_eigenvalues = _scales.check_int("min_eigenvalues", min_eigenvalues, 2)
   if fixed_scales is None:
     fixed_scales = {"embed": s_max, "head": s_max}
-  fixed_scales = _scales.check_scale_mapping("fixed_scales", fixed_scales)
-  _labels.expand_label_keys(list(fixed_scales), "fixed_scales", _labels.labels_in(labels))
+  fixed_scales = _pinned_by_label(_scales.check_scale_mapping("fixed_scales", fixed_scales),
+                                  labels)
   if mapping_scope not in MAPPING_SCOPES:
     raise ValueError(f"mapping_scope must be one of {MAPPING_SCOPES}, got {mapping_scope!r}")
   if estimator not in _spectral.ESTIMATORS:
@@ -257,7 +264,8 @@ def scale_by_alpha_hill(
 def alpha_hill_plan_summary(params, labels=None, matrix_axes=None, min_eigenvalues: int = 8,
                             fixed_scales: Mapping[str, float] | None = None) -> list[dict]:
   """Which leaves take part, are pinned or are left at 1 — for docs, notebooks and debugging."""
-  fixed_scales = {"embed": 5.0, "head": 5.0} if fixed_scales is None else dict(fixed_scales)
+  fixed_scales = _pinned_by_label({"embed": 5.0, "head": 5.0} if fixed_scales is None
+                                  else dict(fixed_scales), labels)
   plan = _plan(params, labels, matrix_axes, fixed_scales, min_eigenvalues)
   paths = [_labels.path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   role = lambda i: ("alpha" if plan.axes[i] is not None else

@@ -259,3 +259,22 @@ def test_presets_build():
   for preset in (llr_optax.ALPHA_HILL_PAPER, llr_optax.ALPHA_HILL_RELEASED_130M):
     tx = llr_optax.scale_by_alpha_hill(total_steps=1000, **preset)
     assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_fixed_scales_group_name_pins_every_label_of_the_group():
+  # "attn" covers q/k/v/o: the attention matrices here must be pinned and leave the alpha fit
+  # (which then maps the others alone onto [s_min, s_max]).
+  params = make_params(0)
+  tx = llr_optax.scale_by_alpha_hill(interval=1, ramp_steps=0,
+                                     fixed_scales={"attn": 2.0, "attn_q": 3.0, "embed": 4.0})
+  _, state = tx.update(params, tx.init(params), params)
+  scales = llr_optax.current_scales(state)
+  assert np.asarray(scales["q_proj"]).item() == 3.0  # a single label wins over its group
+  assert np.asarray(scales["k_proj"]).item() == 2.0
+  assert np.asarray(scales["embed_tokens"]).item() == 4.0
+  alphas = {k: np.asarray(v).item() for k, v in llr_optax.last_alphas(state).items()}
+  assert np.isnan(alphas["k_proj"]) and np.isnan(alphas["q_proj"])
+  # The head is no longer pinned (the default was replaced): it joins the fit.
+  fitted = [np.asarray(scales[k]).item() for k in ("up_proj", "down_proj", "lm_head")]
+  assert all(np.isfinite(alphas[k]) for k in ("up_proj", "down_proj", "lm_head"))
+  assert min(fitted) == S_MIN and max(fitted) == S_MAX
