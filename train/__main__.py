@@ -48,6 +48,12 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
                                                     "fraction of the run"),
     ("--min-eigenvalues", "min_eigenvalues", int, "alpha methods: smaller matrices keep 1"),
     ("--init-grad-batches", "init_grad_batches", int, "init_grad: minibatches measured"),
+    ("--mesh", "mesh", str, "train on a device mesh, e.g. 'data=2,fsdp=4': comma-separated "
+                            "sizes of the axes data (replicas), fsdp (params and optimizer "
+                            "state split along the model width, batch split too) and tensor "
+                            "(heads/MLP/vocab split), multiplying to the number of devices "
+                            "of all processes; --batch-size is per process and the global "
+                            "batch must divide over data x fsdp; may change on --resume"),
 )
 
 
@@ -78,11 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",
                         help="stop (with a checkpoint) after N steps; resume later")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-process job: call jax.distributed.initialize(), which "
+                             "detects SLURM/Open MPI/Kubernetes/Cloud TPU (also done, without "
+                             "this flag, when JAX_COORDINATOR_ADDRESS is set, with "
+                             "JAX_NUM_PROCESSES and JAX_PROCESS_ID); each process reads its "
+                             "own data shard; needs --mesh")
     group = parser.add_argument_group(
         "settings", "each overrides the preset's value (shown for --preset tiny)")
     for flag, field, kind, help_text in _FLAGS:
+        shown = getattr(tiny, field)
         group.add_argument(flag, type=kind, default=None, dest=field, metavar=field.upper(),
-                           help=f"{help_text} (tiny: {getattr(tiny, field)})")
+                           help=f"{help_text} (tiny: {shown if shown != '' else 'unset'})")
     return parser
 
 
@@ -106,8 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.data != "default" and not Path(cfg.data).exists():
         parser.error(f"--data {cfg.data!r} does not exist")
 
-    from train import loop  # pylint: disable=import-outside-toplevel  (JAX is slow to import)
+    # pylint: disable=import-outside-toplevel  (JAX is slow to import)
+    from train import loop
+    from train import mesh as mesh_lib
 
+    try:
+        # Before anything asks JAX for its devices (the data shard does).
+        mesh_lib.initialize_distributed(force=args.distributed)
+    except (RuntimeError, ValueError) as e:
+        print(f"error: jax.distributed.initialize() failed: {e}", file=sys.stderr)
+        return 2
     try:
         results = loop.train(cfg, resume=args.resume, overwrite=args.overwrite,
                              stop_after=args.stop_after)

@@ -20,6 +20,10 @@ METHODS = (
     "upper_bound",
 )
 OPTIMIZERS = ("adamw", "muon")
+# Axes of the device mesh (``--mesh``): pure data parallelism, FSDP (parameters and
+# optimizer state split along the model width, batch split too) and tensor parallelism
+# (heads / MLP / vocabulary dimensions split). See train/mesh.py.
+MESH_AXES = ("data", "fsdp", "tensor")
 # LARS and LAMB are complete optimizers (their own momentum and trust ratio), not a
 # scale chained after AdamW or Muon.
 STANDALONE_METHODS = ("lars", "lamb")
@@ -30,7 +34,7 @@ MODEL_PRESETS = ("tiny", "20m", "60m", "130m", "350m", "1b")
 # Fields that do not change the trajectory: they may differ when resuming.
 RESUMABLE_FIELDS = frozenset(
     {"out_dir", "log_every", "eval_every", "eval_batches", "val_batch_size",
-     "checkpoint_every", "keep_checkpoints", "progress"}
+     "checkpoint_every", "keep_checkpoints", "progress", "mesh"}
 )
 
 
@@ -77,6 +81,10 @@ class TrainConfig:
       model_overrides: ``LlamaConfig`` fields that replace the preset's (e.g.
         ``{"num_layers": 2}``); JSON scalars only.
       progress: Show a tqdm progress bar.
+      mesh: Device mesh layout, e.g. ``"data=2,fsdp=4"`` (axes from ``MESH_AXES``,
+        the sizes multiply to the number of devices; missing axes have size 1), or
+        ``""`` for the plain single-device step. The layout changes where numbers
+        live, not which numbers are computed, so it may differ on resume.
     """
 
     preset: str = "tiny"
@@ -113,6 +121,7 @@ class TrainConfig:
     init_grad_batches: int = 10
     model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     progress: bool = True
+    mesh: str = ""
 
     def __post_init__(self):
         _check_choice("preset", self.preset, MODEL_PRESETS)
@@ -149,6 +158,9 @@ class TrainConfig:
             if not isinstance(value, (int, float, str, bool)):
                 raise ValueError(
                     f"model_overrides[{key!r}] must be a JSON scalar, got {value!r}")
+        if not isinstance(self.mesh, str):
+            raise ValueError(f"mesh must be a string like 'data=2,fsdp=4', got {self.mesh!r}")
+        parse_mesh(self.mesh)
         # A plain dict keeps to_dict/from_dict symmetric (and JSON-friendly).
         object.__setattr__(self, "model_overrides", dict(self.model_overrides))
 
@@ -198,6 +210,42 @@ def check_combination(method: str, optimizer: str) -> None:
             f"--method {method} is its own base optimizer (optax.{method}); it cannot be "
             f"combined with --optimizer {optimizer}. Use --optimizer adamw (ignored for "
             f"{method}).")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """Parses a ``--mesh`` layout such as ``"data=2,fsdp=4"``.
+
+    Args:
+      text: Comma-separated ``axis=size`` pairs; axes from ``MESH_AXES``, each at most
+        once, sizes positive integers. ``""`` means no mesh.
+
+    Returns:
+      ``{axis: size}`` for every axis of ``MESH_AXES`` (size 1 where not given), or
+      ``{}`` for ``""``.
+
+    Raises:
+      ValueError: Bad syntax, an unknown or repeated axis, or a size < 1.
+    """
+    text = text.strip()
+    if not text:
+        return {}
+    sizes: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, size = (s.strip() for s in part.partition("="))
+        if not sep or not name or not size:
+            raise ValueError(
+                f"Bad mesh {text!r}: expected comma-separated axis=size pairs such as "
+                f"'data=2,fsdp=4', got {part.strip()!r}")
+        if name not in MESH_AXES:
+            raise ValueError(f"Bad mesh {text!r}: unknown axis {name!r}; expected one of: "
+                             f"{', '.join(MESH_AXES)}")
+        if name in sizes:
+            raise ValueError(f"Bad mesh {text!r}: axis {name!r} is given twice")
+        if not size.isdigit() or int(size) < 1:
+            raise ValueError(f"Bad mesh {text!r}: the size of {name!r} must be a positive "
+                             f"integer, got {size!r}")
+        sizes[name] = int(size)
+    return {name: sizes.get(name, 1) for name in MESH_AXES}
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -20,6 +20,13 @@ Everything it records goes to ``out_dir``:
   (``state``), the grain iterator position (``data``) and the config (``config``).
 * ``config.json``: the config, for people.
 
+With ``cfg.mesh`` (e.g. ``"data=2,fsdp=4"``) the same loop runs on a device mesh: the
+model is created sharded along its logical annotations, the optimizer state follows the
+parameters, every batch is assembled from the processes' local rows, and the jitted step
+keeps that layout (see :mod:`train.mesh`). In a multi-process job only process 0 writes
+``metrics.jsonl`` and ``config.json``; all processes write their shards of the
+checkpoints.
+
 ``--resume`` restores the latest checkpoint (refusing one written under a different
 config) and continues the exact trajectory: same parameters, optimizer state, data
 position and step count; metrics recorded after that checkpoint are dropped.
@@ -46,6 +53,7 @@ from models import LLaMa, llama_config
 from train import data as data_lib
 from train import optimizers, step
 from train.config import TrainConfig
+from train.mesh import MeshLayout
 
 ALPHA_METHODS = ("alpha_hill", "tempbalance")
 _NOT_LOGGED_LABELS = ("norm", "bias")  # their factor is always 1 under alpha methods
@@ -86,27 +94,43 @@ def data_config(cfg: TrainConfig) -> data_lib.DataConfig:
         val_fraction=cfg.val_fraction, seed=cfg.seed)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int) -> LLaMa:
-    """The LLaMa of ``cfg.preset`` (plus ``model_overrides``), initialised from ``seed``."""
+def build_model(cfg: TrainConfig, vocab_size: int, layout: MeshLayout | None = None) -> LLaMa:
+    """The LLaMa of ``cfg.preset`` (plus ``model_overrides``), initialised from ``seed``.
+
+    With a ``layout`` it is created directly sharded on its mesh.
+    """
     model_cfg = llama_config(cfg.preset, vocab_size, cfg.seq_len, **cfg.model_overrides)
+    if layout is not None:
+        return layout.create(lambda: LLaMa(model_cfg, rngs=nnx.Rngs(cfg.seed)))
     return LLaMa(model_cfg, rngs=nnx.Rngs(cfg.seed))
 
 
-def measure_init_scales(cfg: TrainConfig, model: nnx.Module, data: data_lib.Data) -> Any:
+def measure_init_scales(cfg: TrainConfig, model: nnx.Module, data: data_lib.Data,
+                        layout: MeshLayout | None = None) -> Any:
     """init_grad factors for ``model``'s params, from a separately seeded data stream."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     batches = iter(data_lib.train_dataset(
         data.train_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
         seed=(cfg.seed + _INIT_GRAD_SEED_OFFSET) % 2**32,
         shard_index=data.shard_index, shard_count=data.shard_count))
+    if layout is not None:
+        batches = layout.place_batches(batches)
     grad_fn = step.make_grad_fn(graphdef, rest)
     return optimizers.measure_init_grad(cfg, grad_fn, nnx.as_pure(params), batches)
 
 
-def evaluate(model: nnx.Module, data: data_lib.Data, max_batches: int | None = None) -> dict:
-    """Validation loss, perplexity and bits per byte (full pass unless ``max_batches``)."""
+def evaluate(model: nnx.Module, data: data_lib.Data, max_batches: int | None = None,
+             layout: MeshLayout | None = None) -> dict:
+    """Validation loss, perplexity and bits per byte (full pass unless ``max_batches``).
+
+    With a ``layout`` the batches are placed on its mesh (every process passes over its
+    shard of the split; the sums are global).
+    """
     total, count, n = jnp.zeros([]), jnp.zeros([]), 0
-    for n, batch in enumerate(data.val_batches(), start=1):
+    batches = data.val_batches()
+    if layout is not None:
+        batches = layout.place_batches(batches)
+    for n, batch in enumerate(batches, start=1):
         s, c = step.eval_step(model, batch)
         total, count = total + s, count + c  # stays on device: one sync per pass
         if max_batches is not None and n >= max_batches:
@@ -119,6 +143,14 @@ def evaluate(model: nnx.Module, data: data_lib.Data, max_batches: int | None = N
     bpb = data.bits_per_byte(total) if (full and data.val_bytes) else None
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_bpb": bpb,
             "val_tokens": int(count)}
+
+
+def _sync(name: str) -> None:
+    """Waits for all processes (no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+        multihost_utils.sync_global_devices(f"train:{name}")
 
 
 @jax.jit
@@ -165,19 +197,26 @@ def _ramping(cfg: TrainConfig, count: int) -> bool:
 
 
 class MetricsLog:
-    """Appends JSON records to ``path`` (flushed per record, so a crash loses nothing)."""
+    """Appends JSON records to ``path`` (flushed per record, so a crash loses nothing).
 
-    def __init__(self, path: Path):
+    ``enabled=False`` writes nothing (the processes other than 0 of a multi-process job).
+    """
+
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = path.open("a", encoding="utf-8")
+        self._f = None
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -256,10 +295,11 @@ def _restore(mngr, count, model, optimizer, train_iter) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _progress(cfg: TrainConfig, initial: int):
+def _progress(cfg: TrainConfig, initial: int, enabled: bool = True):
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
-    return tqdm(total=cfg.steps, initial=initial, disable=not cfg.progress, unit="step",
+    return tqdm(total=cfg.steps, initial=initial, disable=not (cfg.progress and enabled),
+                unit="step",
                 desc=f"{cfg.method}/{cfg.optimizer} seed {cfg.seed}", dynamic_ncols=True,
                 leave=True)
 
@@ -292,6 +332,9 @@ def train(
       data: Already built data for ``data_config(cfg)`` (saves re-reading the corpus
         when several runs share it, as in ``train.compare``).
 
+    A multi-process job must call :func:`train.mesh.initialize_distributed` first (the
+    CLI does) and give ``cfg.mesh``.
+
     Returns:
       ``{"config", "out_dir", "step", "final" (the eval record at ``cfg.steps``; ``None``
       when stopped early), "evals", "train",
@@ -303,9 +346,18 @@ def train(
       ConfigMismatchError: ``resume`` with a checkpoint of a different configuration.
       FileExistsError: ``cfg.out_dir`` holds a run and neither ``resume`` nor
         ``overwrite`` is set.
-      FileNotFoundError, ValueError: Bad data path or settings (from the data module).
+      FileNotFoundError, ValueError: Bad data path or settings (from the data module),
+        a mesh that does not fit the devices or batch size, or several processes
+        without a mesh.
     """
     wall_start = time.perf_counter()
+    # Checked before the (slow) data build: a layout that cannot work fails at once.
+    layout = MeshLayout.from_config(cfg) if cfg.mesh else None
+    if layout is None and jax.process_count() > 1:
+        raise ValueError(
+            f"{jax.process_count()} processes need a device mesh spanning them: pass "
+            f"--mesh (e.g. data={jax.device_count()})")
+    primary = jax.process_index() == 0  # the one process that writes metrics
     out = Path(cfg.out_dir)
     metrics_path = out / "metrics.jsonl"
     ckpt_dir = out / "checkpoints"
@@ -315,17 +367,27 @@ def train(
             raise FileExistsError(
                 f"{str(out)!r} already holds a run; pass --resume to continue it, "
                 "--overwrite to replace it, or choose another --out")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        metrics_path.unlink(missing_ok=True)
+        if primary:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            metrics_path.unlink(missing_ok=True)
+        _sync("overwrite")
 
     if data is None:
         data = data_lib.build_data(data_config(cfg))
     elif data.config != data_config(cfg):
         raise ValueError("data= was built for a different data configuration")
-    model = build_model(cfg, data.vocab_size)
-    init_scales = measure_init_scales(cfg, model, data) if cfg.method == "init_grad" else None
+    model = build_model(cfg, data.vocab_size, layout)
+    init_scales = (measure_init_scales(cfg, model, data, layout)
+                   if cfg.method == "init_grad" else None)
     tx = optimizers.build_optimizer(cfg, init_scales=init_scales)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    if layout is None:
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        def train_step(batch):
+            return step.train_step(model, optimizer, batch)
+    else:
+        optimizer = layout.create_optimizer(model, tx)  # moments follow the params' layout
+        train_step = layout.train_step(model, optimizer)
     train_iter = data.train_iter()
     schedule = optimizers.base_schedule(cfg)
 
@@ -338,24 +400,27 @@ def train(
         count = int(latest)
     elif resume:
         print(f"No checkpoint in {str(ckpt_dir)!r}: starting from step 0.")
-    if resume:
+    if resume and primary:
         _truncate_metrics(metrics_path, count)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    log = MetricsLog(metrics_path)
+    log = MetricsLog(metrics_path, enabled=primary)
     last_saved = latest
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     tokens_per_step = cfg.batch_size * cfg.seq_len * data.shard_count
     timed_steps, timed_seconds = 0, 0.0  # whole run, without the compiling first step
     window_steps, window_seconds = 0, 0.0  # since the last train record
-    bar = _progress(cfg, count)
+    bar = _progress(cfg, count, enabled=primary)
     compiled = False  # the first step of a process compiles: not training throughput
     try:
         while count < end:
             t0 = time.perf_counter()
             batch = next(train_iter)
-            metrics = step.train_step(model, optimizer, batch)
+            if layout is not None:
+                batch = layout.place_batch(batch)
+            metrics = train_step(batch)
             loss = float(metrics["loss"])  # one sync per step: a NaN never reaches a checkpoint
             seconds = time.perf_counter() - t0
             if compiled:
@@ -387,11 +452,12 @@ def train(
                 window_steps, window_seconds = 0, 0.0
             if count % cfg.eval_every == 0 or count == cfg.steps:
                 record = {"kind": "eval", "step": count,
-                          **evaluate(model, data, cfg.eval_batches)}
+                          **evaluate(model, data, cfg.eval_batches, layout)}
                 log.write(record)
                 bpb = f", bpb {record['val_bpb']:.4f}" if record["val_bpb"] else ""
-                bar.write(f"step {count}: val loss {record['val_loss']:.4f}, "
-                          f"ppl {record['val_ppl']:.2f}{bpb}")
+                if primary:
+                    bar.write(f"step {count}: val loss {record['val_loss']:.4f}, "
+                              f"ppl {record['val_ppl']:.2f}{bpb}")
             if (cfg.checkpoint_every and count % cfg.checkpoint_every == 0) or count == end:
                 if not bool(_all_finite(nnx.state(model, nnx.Param))):
                     log.write({"kind": "diverged", "step": count, "loss": "non-finite params"})

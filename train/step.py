@@ -30,6 +30,14 @@ def mean_loss(model: nnx.Module, batch: dict) -> jax.Array:
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def train_update(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict:
+    """The body of :func:`train_step`, unjitted (the mesh step in train/mesh.py wraps it
+    in its own ``jax.jit``, so both compute the same update)."""
+    loss, grads = nnx.value_and_grad(mean_loss)(model, batch)
+    optimizer.update(model, grads)
+    return {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
 @nnx.jit(donate_argnums=(0, 1))
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict:
     """One optimizer step on ``batch`` (``inputs``/``targets`` int32 ``[B, T]``).
@@ -43,9 +51,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict
       ``{"loss": mean loss before the update, "grad_norm": global norm of the raw
       (unclipped) gradient}``, float32 scalars.
     """
-    loss, grads = nnx.value_and_grad(mean_loss)(model, batch)
-    optimizer.update(model, grads)
-    return {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return train_update(model, optimizer, batch)
 
 
 @nnx.jit
