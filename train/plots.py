@@ -53,7 +53,12 @@ def plot_losses(runs: Mapping[str, Sequence[dict]], path: str | Path) -> Path:
             tsteps = [t["step"] for t in done[0]["train"][:m]]
             tloss = np.mean([[t["loss"] for t in r["train"][:m]] for r in done], axis=0)
             ax_train.plot(tsteps, _smooth(tloss), color=line.get_color(), label=label)
-    ax_val.set(title="Validation loss (whole split)", xlabel="step", ylabel="loss (nats/token)")
+    # Say what was evaluated: the whole split, or the first eval_batches batches of it.
+    partial = sorted({r["config"].get("eval_batches") for rs in runs.values() for r in rs
+                      if r.get("config", {}).get("eval_batches")})
+    where = ("whole split" if not partial
+             else f"first {'/'.join(map(str, partial))} batches")
+    ax_val.set(title=f"Validation loss ({where})", xlabel="step", ylabel="loss (nats/token)")
     ax_train.set(title="Training loss (moving average)", xlabel="step", ylabel="loss")
     for ax in (ax_val, ax_train):
         ax.grid(alpha=0.3)
