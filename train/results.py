@@ -32,7 +32,7 @@ from train import config as config_lib
 
 GRID_METHODS = ("uniform", "alpha_hill", "tempbalance", "relative", "init_grad", "lars", "lamb")
 SWEEP_METHODS = ("uniform", "alpha_hill")
-SWEEP_LRS = (1e-3, 3e-3, 6e-3, 1e-2)
+SWEEP_LRS = (1e-3, 3e-3, 1e-2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=list(config_lib.PRESETS))
     p.add_argument("--seeds", type=int, default=3, help="seeds per grid cell (default: 3)")
     p.add_argument("--sweep-seeds", type=int, default=1, help="seeds per sweep point (default: 1)")
+    p.add_argument("--standalone-seeds", type=int, default=1,
+                   help="seeds for lars/lamb, whole optimizers of their own shown for "
+                        "reference (default: 1)")
     p.add_argument("--methods", default=",".join(GRID_METHODS),
                    type=lambda s: compare._parse_list(s, config_lib.METHODS, "method"))
     p.add_argument("--optimizers", default="adamw,muon",
@@ -186,13 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         grid[(optimizer, method)] = _group(args, runs / "grid" / f"{method}_{optimizer}",
                                            optimizer, method, args.seeds)
     sweep: dict[tuple[str, float], list[dict]] = {}
+    preset_lr = config_lib.PRESETS[args.preset]["lr"]
     for method in SWEEP_METHODS:
         for lr in args.sweep_lrs:
+            if lr == preset_lr and ("adamw", method) in grid:  # the grid ran this point already
+                sweep[(method, lr)] = grid[("adamw", method)][:args.sweep_seeds]
+                continue
             sweep[(method, lr)] = _group(args, runs / "sweep" / f"{method}_lr{lr:g}", "adamw",
                                          method, args.sweep_seeds, lr)
     for optimizer, method in standalone:
         grid[(optimizer, method)] = _group(args, runs / "grid" / f"{method}_{optimizer}",
-                                           optimizer, method, args.seeds)
+                                           optimizer, method, args.standalone_seeds)
     elapsed = time.perf_counter() - start
 
     from train import plots  # pylint: disable=import-outside-toplevel
@@ -225,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         "loss / ln 2). Grid cells use the preset's peak LR except where `peak lr` says "
         "otherwise (LARS/LAMB have their own, see `train/compare.py`).",
         "",
-        f"## Methods, {args.seeds} seeds each",
+        f"## Methods, {args.seeds} seeds each"
+        + (f" ({args.standalone_seeds} for LARS/LAMB)" if standalone else ""),
         "",
         "Sorted by mean final validation loss within each optimizer.",
         "",
@@ -239,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *[f"![{f.stem}]({f.name})" for f in figures[:-1]],
         "",
-        f"## LR sweep: uniform vs alpha_hill (AdamW, {args.sweep_seeds} seed(s) per point)",
+        f"## LR sweep: uniform vs alpha_hill (AdamW, {args.sweep_seeds} seed(s) per point; "
+        f"at the preset's lr {preset_lr:g} the grid's first seed(s))",
         "",
         sweep_table(sweep, args.sweep_lrs),
         "",
