@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    type=lambda s: compare._parse_list(s, config_lib.METHODS, "method"))
     p.add_argument("--optimizers", default="adamw,muon",
                    type=lambda s: compare._parse_list(s, config_lib.OPTIMIZERS, "optimizer"))
+    p.add_argument("--muon-methods", default=None,
+                   type=lambda s: compare._parse_list(s, config_lib.METHODS, "method"),
+                   help="methods run with muon (default: the same as --methods)")
     p.add_argument("--sweep-lrs", default=",".join(f"{x:g}" for x in SWEEP_LRS),
                    type=lambda s: [float(x) for x in s.split(",") if x.strip()])
     p.add_argument("--steps", type=int, default=None, help="override the preset's steps")
@@ -180,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     grid: dict[tuple[str, str], list[dict]] = {}
     # Chainable methods first, the sweep next, LARS/LAMB (whole optimizers of their own) last.
-    cells = [(o, m) for o in args.optimizers for m in args.methods
+    per_optimizer = {"muon": args.muon_methods or args.methods}
+    cells = [(o, m) for o in args.optimizers for m in per_optimizer.get(o, args.methods)
              if m not in config_lib.STANDALONE_METHODS]
     cells += [("adamw", m) for m in args.methods
               if m in config_lib.STANDALONE_METHODS and "adamw" in args.optimizers]
