@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         f"weight decay {cfg['weight_decay']:g}, clip {cfg['clip']:g}. Final validation loss "
         "is over the whole validation split (nats/token, byte-level tokens, so bits/byte = "
         "loss / ln 2). Grid cells use the preset's peak LR except where `peak lr` says "
-        "otherwise (LARS/LAMB have their own, see `train/compare.py`).",
+        "otherwise (LARS/LAMB have their own, see `train/compare.py`). `tokens/s` is the "
+        "training throughput of the machine that ran the command, including any other load "
+        "on it: compare it across rows only on a quiet machine.",
         "",
         f"## Methods, {args.seeds} seeds each"
         + (f" ({args.standalone_seeds} for LARS/LAMB)" if standalone else ""),
