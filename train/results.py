@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     plot_sweep(sweep, args.sweep_lrs, sweep_fig)
     figures.append(sweep_fig)
 
+    everything = [r for rs in [*grid.values(), *sweep.values()] for r in rs]
+    unique = {r.get("out_dir", id(r)): r for r in everything}.values()
+    run_minutes = sum(r.get("wall_seconds") or 0.0 for r in unique) / 60
     cfg = next(iter(grid.values()))[0]["config"]
     text = [
         f"# Results: preset `{args.preset}`",
@@ -260,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"![{sweep_fig.stem}]({sweep_fig.name})",
         "",
-        f"Wall time of this invocation: {elapsed / 60:.1f} min (groups read back cost nothing).",
+        f"Sum of the runs' own wall times: {run_minutes:.0f} min (including other load on the "
+        f"machine); this invocation took {elapsed / 60:.1f} min (runs read back cost nothing).",
         "",
     ]
     report.write_text("\n".join(text), encoding="utf-8")
