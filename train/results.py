@@ -86,11 +86,8 @@ def _group(args, out: Path, optimizer: str, method: str, seeds: int,
 def _stats(values: list[float]) -> str:
     if not values:
         return "n/a"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.4f}"
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{mean:.4f} ± {std:.4f}"
+    mean, std = compare._mean_std(values)
+    return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} ± {std:.4f}"
 
 
 def _final(results: list[dict], key: str) -> list[float]:
