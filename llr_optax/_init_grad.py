@@ -4,12 +4,12 @@ On a copy of the model initialised fan-in style (`fan_in_init`), the mean absolu
 every leaf is accumulated over T minibatches with the weights held fixed:
 `G_l = sum_t mean|g_l,t|`. Leaves with small gradients at init get large LRs: `u_l = 1/sqrt(G_l)`,
 normalised so the parameter-count-weighted mean is 1. The scales stay fixed for the whole run.
-See SPEC.md section 3.
+Formulas: docs/methods.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -17,13 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llr_optax import _labels, _matrix_axes, _scales
+from llr_optax import _labels, _matrix_axes, _per_leaf, _scales
 
 
 @_scales.register_scale_state
 class ScaleByInitGradState(NamedTuple):
-  """State of `scale_by_init_grad`: the static per-leaf factors, as float32 arrays."""
-  scales: Any
+  """State of `scale_by_init_grad`.
+
+  Attributes:
+    scales: the static per-leaf factors (a `_per_leaf.PerLeaf`: one float32 vector;
+      `current_scales` reads it as a params-shaped tree).
+  """
+  scales: _per_leaf.PerLeaf
 
 
 def init_grad_scales(grads: Sequence[Any]) -> Any:
@@ -47,19 +52,29 @@ def init_grad_scales(grads: Sequence[Any]) -> Any:
     >>> s = llr_optax.init_grad_scales([g])          # u = (1/2, 1), weighted mean 5/8
     >>> round(float(s["a"]), 6), round(float(s["b"]), 6)
     (0.8, 1.6)
+
+  References:
+    "Initializing the Layer-wise Learning Rate", anonymous ICLR 2025 submission,
+    https://openreview.net/forum?id=ATCanNIk1H
   """
+  if isinstance(grads, Mapping) or not isinstance(grads, Sequence):
+    raise ValueError("grads must be a list of gradient pytrees (one per minibatch), got a "
+                     f"{type(grads).__name__}; for a single batch pass [grads]")
   grads = list(grads)
   if not grads:
     raise ValueError("grads must hold at least one gradient pytree (T >= 1 minibatches)")
   treedef = jax.tree.structure(grads[0])
+  if treedef.num_leaves == 0:
+    raise ValueError("grads[0] has no leaves: no LR factor can be derived")
   for t, g in enumerate(grads[1:], start=1):
     if jax.tree.structure(g) != treedef:
       raise ValueError(f"grads[{t}] has a different tree structure from grads[0]")
   # Accumulate on the host in float64: T small reductions, and exact enough to normalise to 1.
+  # |g| is the modulus for complex gradients (never only their real part).
   total = [np.zeros((), np.float64) for _ in range(treedef.num_leaves)]
   for g in grads:
     for i, leaf in enumerate(jax.tree.leaves(g)):
-      total[i] = total[i] + float(jnp.mean(jnp.abs(jnp.asarray(leaf, jnp.float32))))
+      total[i] = total[i] + float(jnp.mean(jnp.abs(jnp.asarray(leaf)).astype(jnp.float32)))
   paths = [_labels.path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(grads[0])[0]]
   for path, g_sum in zip(paths, total):
     if not (np.isfinite(g_sum) and g_sum > 0):
@@ -131,21 +146,37 @@ def scale_by_init_grad(scales: Any) -> optax.GradientTransformation:
     >>> updates, _ = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
     >>> updates["w"]
     Array([-0.5, -0.5], dtype=float32)
+
+  References:
+    "Initializing the Layer-wise Learning Rate", anonymous ICLR 2025 submission,
+    https://openreview.net/forum?id=ATCanNIk1H
   """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(scales)
+  flat, _ = jax.tree_util.tree_flatten_with_path(scales)
   if not flat:
     raise ValueError("scales must hold at least one factor")
   for path, v in flat:
-    arr = np.asarray(v, np.float64)
-    if not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
-      raise ValueError(f"scales[{_labels.path_to_str(path)!r}] must be positive and finite, "
-                       f"got {arr}")
-  fixed = jax.tree.unflatten(treedef, [np.asarray(v, np.float32) for _, v in flat])
+    arr = np.asarray(v)
+    if arr.dtype.kind not in "iuf" or not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
+      raise ValueError(f"scales[{_labels.path_to_str(path)!r}] must be positive finite real "
+                       f"numbers, got {arr}")
+
+  def per_leaf(params) -> _per_leaf.PerLeaf:
+    if params is None:  # `tx.init(None)`: the factors' own structure
+      params = scales
+    leaves, treedef = jax.tree.flatten(params)
+    if not leaves:  # `optax.tree.map_params`' placeholder
+      return _per_leaf.PerLeaf.from_leaves([], _per_leaf.Layout(treedef, []))
+    mine = jax.tree.leaves(_per_leaf.align_to(scales, params, "scales"))
+    for x, s in zip(leaves, mine):
+      if np.ndim(s) > np.ndim(x) or np.broadcast_shapes(np.shape(s), np.shape(x)) != np.shape(x):
+        raise ValueError(f"a factor of shape {np.shape(s)} cannot scale a leaf of shape "
+                         f"{np.shape(x)}")
+    layout = _per_leaf.Layout(treedef, [np.shape(s) for s in mine])
+    return _per_leaf.PerLeaf.from_leaves([np.asarray(s, np.float32) for s in mine], layout)
 
   def init_fn(params):
-    del params
-    # Fresh device arrays per init: a donated state must not take the factory's own copy with it.
-    return ScaleByInitGradState(scales=jax.tree.map(jnp.asarray, fixed))
+    # A fresh device array per init: a donated state must not take the factory's own copy.
+    return ScaleByInitGradState(scales=per_leaf(params))
 
   def update_fn(updates, state, params=None):
     del params

@@ -15,6 +15,8 @@ from typing import Any
 
 import jax
 
+from llr_optax import _per_leaf
+
 # Every label the default rules can produce. Custom rules may produce any other string.
 LABELS = (
     "embed", "head",
@@ -118,17 +120,21 @@ def label_params(params: Any, rules: Rules | None = None) -> Any:
 
 
 def resolve_labels(labels: LabelsOrFn | None, params: Any) -> Any:
-  """Turns the `labels` argument of a transformation into a label tree matching `params`."""
+  """Turns the `labels` argument of a transformation into a label tree matching `params`.
+
+  `params` may hold `optax.MaskedNode`s (inside `optax.masked`/`partition`); a label tree given
+  for the full params is masked the same way.
+  """
   if labels is None:
     return label_params(params)
-  tree = labels(params) if callable(labels) else labels
-  param_def = jax.tree.structure(params)
-  label_def = jax.tree.structure(tree)
-  if param_def != label_def:
-    raise ValueError(
-        "labels must have the same tree structure as params; got labels with "
-        f"{label_def.num_leaves} leaves for params with {param_def.num_leaves} leaves.")
-  return tree
+  if callable(labels):
+    tree = labels(params)
+    if jax.tree.structure(tree) != jax.tree.structure(params):
+      raise ValueError(
+          "labels(params) must return a tree with the structure of params; got "
+          f"{jax.tree.structure(tree).num_leaves} leaves for {jax.tree.structure(params).num_leaves}")
+    return tree
+  return _per_leaf.align_to(labels, params, "labels")
 
 
 def expand_label_keys(keys: Sequence[str], what: str,

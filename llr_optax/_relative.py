@@ -3,8 +3,8 @@
 Module type `m` runs `eta_m(t) = eta * (a_m c(t) + f b_m (1 - c(t)))`, where `c(t)` is the
 cosine progress after warmup. The base optimizer runs the matching cosine
 `eta(t) = eta * (c(t) + f (1 - c(t)))` (`relative_base_schedule` builds it, with the same
-warmup), so the factor chained after it is the ratio `r_m(t) = eta_m(t) / eta(t)`. See SPEC.md
-section 2.
+warmup), so the factor chained after it is the ratio `r_m(t) = eta_m(t) / eta(t)`. Formulas:
+docs/methods.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llr_optax import _labels, _scales
+from llr_optax import _labels, _per_leaf, _scales
 
 # Paper, Table 5 (dense): label or group -> (start multiplier a_m, end multiplier b_m).
 DENSE_MULTIPLIERS: Mapping[str, tuple[float, float]] = {
@@ -28,6 +28,18 @@ MOE_MULTIPLIERS: Mapping[str, tuple[float, float]] = {
     "embed": (5.0, 0.6), "head": (0.6, 0.4), "router": (0.6, 1.0), "expert": (0.3, 1.125),
     "attn": (1.0, 1.0)}
 MOE_FINAL_FRACTION = 0.04
+# Blockwise LR (Wang et al. 2025, "The Sharpness Disparity Principle", the LLR paper's
+# "Sharpness" baseline): peak-LR ratios norm 1, value/output 4, FFN 6, query/key 8, embedding 10
+# (their README; their code takes each block's peak LR as a flag). In their code every block
+# decays to the SAME floor `min_lr` (base/20 in their OpenWebText cosine runs), so a block's LR
+# is `min_lr + c(t) (r base - min_lr)`: exactly `relative_schedule` with `(start, end) = (r, 1)`.
+# Not in the table (factor 1, as their flags' defaults): an untied head (no tuned value is
+# published), position embeddings, biases, router and experts (no MoE in the paper). A fused qkv
+# kernel needs per-column ratios (they split GPT-2's `c_attn` into q/k/v for this): split it.
+BLOCKWISE_MULTIPLIERS: Mapping[str, tuple[float, float]] = {
+    "embed": (10.0, 1.0), "attn_q": (8.0, 1.0), "attn_k": (8.0, 1.0), "attn_v": (4.0, 1.0),
+    "attn_o": (4.0, 1.0), "mlp": (6.0, 1.0), "norm": (1.0, 1.0)}
+BLOCKWISE_FINAL_FRACTION = 0.05
 # Paper: warmup over 1% of the steps.
 WARMUP_FRACTION = 0.01
 
@@ -38,17 +50,19 @@ class RelativeScheduleState(NamedTuple):
 
   Attributes:
     count: number of updates applied so far (int32).
-    scales: the per-leaf factors `r_m(t)` the last update applied (scalar per leaf).
+    scales: the per-leaf factors `r_m(t)` the last update applied (a `_per_leaf.PerLeaf`: one
+      float32 vector, one entry per leaf; `current_scales` reads it as a params-shaped tree).
   """
   count: jax.Array
-  scales: Any
+  scales: _per_leaf.PerLeaf
 
 
 def _validate(total_steps, final_fraction, warmup_steps):
   total_steps = _scales.check_int("total_steps", total_steps, 1)
   final_fraction = _scales.check_positive("final_fraction", final_fraction)
   warmup_steps = _scales.check_int("warmup_steps", warmup_steps, 0)
-  if warmup_steps >= total_steps:
+  if not (_scales.is_traced(total_steps) or _scales.is_traced(warmup_steps)) and (
+      warmup_steps >= total_steps):
     raise ValueError(f"warmup_steps must be < total_steps, got {warmup_steps} >= {total_steps}")
   return total_steps, final_fraction, warmup_steps
 
@@ -58,7 +72,7 @@ def cosine_progress(step: jax.Array, total_steps: int, warmup_steps: int = 0) ->
 
   Matches `optax.warmup_cosine_decay_schedule(..., warmup_steps, decay_steps=total_steps)`.
   """
-  decay = max(total_steps - warmup_steps, 1)
+  decay = jnp.maximum(total_steps - warmup_steps, 1)
   p = jnp.clip((jnp.asarray(step, jnp.float32) - warmup_steps) / decay, 0.0, 1.0)
   return 0.5 * (1.0 + jnp.cos(jnp.pi * p))
 
@@ -120,6 +134,10 @@ def relative_schedule(
     >>> _, state = tx.update(params, state, params)
     >>> {k: float(v) for k, v in llr_optax.current_scales(state).items()}
     {'embed_tokens': 5.0, 'q_proj': 1.0}
+
+  References:
+    Ludziejewski et al., "Decoupled Relative Learning Rate Schedules", 2025,
+    https://arxiv.org/abs/2507.03526
   """
   total_steps, final_fraction, warmup_steps = _validate(total_steps, final_fraction, warmup_steps)
   if not isinstance(multipliers, Mapping) or not multipliers:
@@ -130,9 +148,15 @@ def relative_schedule(
       raise ValueError(f"multipliers[{key!r}] must be a (start, end) pair, got {pair!r}")
     table[key] = (_scales.check_positive(f"multipliers[{key!r}][0]", pair[0]),
                   _scales.check_positive(f"multipliers[{key!r}][1]", pair[1]))
-  owner = _labels.expand_label_keys(list(table), "multipliers", _labels.labels_in(labels))
+  if labels is None or not callable(labels):  # else checked once the labels are known
+    _labels.expand_label_keys(list(table), "multipliers", _labels.labels_in(labels))
 
-  def factors(count, label_tree):
+  def factors(count, params):
+    leaves, treedef = jax.tree.flatten(params)
+    if not leaves:  # `optax.tree.map_params`' placeholder
+      return _per_leaf.PerLeaf.from_leaves([], _per_leaf.Layout(treedef, []))
+    label_list = treedef.flatten_up_to(_labels.resolve_labels(labels, params))
+    owner = _labels.expand_label_keys(list(table), "multipliers", sorted(set(label_list)))
     c = cosine_progress(count, total_steps, warmup_steps)
     base = c + final_fraction * (1.0 - c)
 
@@ -142,17 +166,16 @@ def relative_schedule(
       a, b = table[owner[label]]
       return (a * c + final_fraction * b * (1.0 - c)) / base
 
-    return jax.tree.map(one, label_tree)
+    return _per_leaf.PerLeaf.from_leaves([one(l) for l in label_list],
+                                         _per_leaf.Layout(treedef, [()] * len(leaves)))
 
   def init_fn(params):
-    label_tree = _labels.resolve_labels(labels, params)
     zero = jnp.zeros([], jnp.int32)
-    return RelativeScheduleState(count=zero, scales=factors(zero, label_tree))
+    return RelativeScheduleState(count=zero, scales=factors(zero, params))
 
   def update_fn(updates, state, params=None):
-    del params
-    label_tree = _labels.resolve_labels(labels, updates)
-    scales = factors(state.count, label_tree)
+    del params  # the labels come from the updates' key paths (same structure as the params)
+    scales = factors(state.count, updates)
     new_state = RelativeScheduleState(count=optax.safe_increment(state.count), scales=scales)
     return _scales.apply_scales(updates, scales), new_state
 

@@ -106,14 +106,14 @@ def _pad_rows(x, pad: int, axis: int):
   return jnp.concatenate([x, jnp.zeros(shape, x.dtype)], axis=axis)
 
 
-def _local_solve(estimator: str, tiny: float):
-  """`grams [b, k, k] -> alphas [b]` on one device's share.
+def _local_fit(estimator: str, zero_threshold):
+  """`grams [b, k, k] -> stats [b, len(STATS)]` on one device's share.
 
   On CPU, one matrix per solver call (`lax.map`): jaxlib's batched LAPACK kernels split a batch
   over the shared intra-op thread pool and block until it is done, which deadlocks when several
   devices of one host (e.g. `--xla_force_host_platform_device_count`) call them at once.
   """
-  one = lambda g: _spectral.fit_alphas(g, estimator, tiny)
+  one = lambda g: _spectral.fit_spectra(g, estimator, zero_threshold)
   if jax.default_backend() != "cpu":
     return one
   return lambda g: jax.lax.map(one, g)
@@ -139,8 +139,7 @@ def _oriented(stack: jax.Array) -> jax.Array:
   return stack if stack.shape[-2] >= stack.shape[-1] else jnp.swapaxes(stack, -1, -2)
 
 
-def sharded_solve(mesh: Any = None, estimator: str = "auto",
-                  tiny: float = _spectral.TINY_EIGENVALUE):
+def sharded_solve(mesh: Any = None, estimator: str = "auto", zero_threshold=None):
   """A `solve` for `grouped_matrix_alphas`: `grams [B, k, k] -> alphas [B]`, batch over devices.
 
   The Gram stack is padded with zero matrices to a multiple of the device count, split along
@@ -149,7 +148,8 @@ def sharded_solve(mesh: Any = None, estimator: str = "auto",
   forms them where the weights live. Without a mesh (or with one device) it is the local solve.
   """
   estimator = _spectral._check_estimator(estimator)
-  local = _local_solve(estimator, tiny)
+  fit = _local_fit(estimator, zero_threshold)
+  local = lambda g: fit(g)[:, 0]
 
   def solve(grams: jax.Array) -> jax.Array:
     m = resolve_mesh(mesh)
@@ -166,27 +166,26 @@ def sharded_solve(mesh: Any = None, estimator: str = "auto",
   return solve
 
 
-def grouped_matrix_alphas(stacks: Sequence[jax.Array], estimator: str = "auto",
-                          tiny: float = _spectral.TINY_EIGENVALUE,
-                          mesh: Any = None) -> list[jax.Array]:
-  """`_spectral.grouped_matrix_alphas`, spread over the devices of `mesh` (see module doc).
+def grouped_spectral_stats(stacks: Sequence[jax.Array], estimator: str = "auto",
+                           zero_threshold=None, mesh: Any = None) -> list[jax.Array]:
+  """`_spectral.grouped_spectral_stats`, spread over the devices of `mesh` (see module doc).
 
   Args:
     stacks: matrix stacks `[b_i, m_i, n_i]`, laid out however the params are.
     estimator: see `_spectral.esd`; "svd" (the cross-check path) always runs locally.
-    tiny: see `_spectral.hill_alpha`.
+    zero_threshold: see `_spectral.hill_alpha`.
     mesh: see `resolve_mesh`; resolved at trace time.
 
   Returns:
-    One float32 `[b_i]` alpha vector per input stack, replicated.
+    One float32 `[b_i, len(STATS)]` array per input stack, replicated.
   """
   m = resolve_mesh(mesh)
   estimator = _spectral._check_estimator(estimator)
   if m is None or estimator == "svd":
-    return _spectral.grouped_matrix_alphas(stacks, estimator, tiny)
+    return _spectral.grouped_spectral_stats(stacks, estimator, zero_threshold)
   axes = _solve_axes(m)
   ndev = _num_devices(m, axes)
-  local = _local_solve(estimator, tiny)
+  local = _local_fit(estimator, zero_threshold)
 
   by_size: dict[int, list[int]] = {}
   for idx, s in enumerate(stacks):
@@ -205,18 +204,25 @@ def grouped_matrix_alphas(stacks: Sequence[jax.Array], estimator: str = "auto",
     padded = total + (-total % ndev)
 
     def body(*local_xs, padded=padded):
-      f32 = [x.astype(jnp.float32) for x in local_xs]
-      parts = [jnp.einsum("bck,bcl->bkl", x, x, precision=jax.lax.Precision.HIGHEST) for x in f32]
+      xs_ = [x.astype(_spectral.working_dtype(x)) for x in local_xs]
+      parts = [jnp.einsum("bck,bcl->bkl", jnp.conj(x), x, precision=jax.lax.Precision.HIGHEST)
+               for x in xs_]
       g = jnp.concatenate(parts, axis=0)
-      if padded > g.shape[0]:  # zero matrices: their alphas are NaN and are dropped below
+      if padded > g.shape[0]:  # zero matrices: their stats are NaN and are dropped below
         g = jnp.concatenate([g, jnp.zeros((padded - g.shape[0], k, k), g.dtype)], axis=0)
       g = jax.lax.psum_scatter(g, axes, scatter_dimension=0, tiled=True)
       return local(g)
 
-    alphas = jax.shard_map(body, mesh=m, in_specs=tuple(specs), out_specs=P(axes))(*xs)
-    alphas = _replicated(alphas, m)
+    stats = jax.shard_map(body, mesh=m, in_specs=tuple(specs), out_specs=P(axes))(*xs)
+    stats = _replicated(stats, m)
     start = 0
     for j, size in zip(members, sizes):
-      out[j] = alphas[start:start + size]
+      out[j] = stats[start:start + size]
       start += size
   return out
+
+
+def grouped_matrix_alphas(stacks: Sequence[jax.Array], estimator: str = "auto",
+                          zero_threshold=None, mesh: Any = None) -> list[jax.Array]:
+  """The alphas of `grouped_spectral_stats`: one float32 `[b_i]` vector per stack."""
+  return [s[:, 0] for s in grouped_spectral_stats(stacks, estimator, zero_threshold, mesh)]

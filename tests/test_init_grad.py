@@ -84,5 +84,11 @@ def test_errors():
     with pytest.raises(ValueError, match="scales\\['w'\\]"):
       llr_optax.scale_by_init_grad({"w": bad, "v": 1.0})
   tx = llr_optax.scale_by_init_grad({"w": 1.0})
-  with pytest.raises(ValueError, match="tree structure"):
+  with pytest.raises(ValueError, match="2 leaves but the factors were made for 1"):
     tx.update({"w": jnp.ones(2), "v": jnp.ones(2)}, tx.init(None))
+  with pytest.raises(ValueError, match="scales must have the same tree structure"):
+    tx.init({"w": jnp.ones(2), "v": jnp.ones(2)})
+  with pytest.raises(ValueError, match="list of gradient pytrees.*dict"):
+    llr_optax.init_grad_scales({"q_proj": jnp.ones(2)})
+  with pytest.raises(ValueError, match="no leaves"):
+    llr_optax.init_grad_scales([{}])
