@@ -61,11 +61,17 @@ def _scale_states(opt_state: Any, types: tuple[type, ...] | None = None) -> list
   return [n for n in nodes if isinstance(n, types)]
 
 
+def _is_variable(x: Any) -> bool:
+  return hasattr(x, "get_value") or (hasattr(x, "value") and not isinstance(x, jax.Array))
+
+
 def _values(field: Any) -> Any:
-  """A state field read as a params-shaped tree (unwrapping NNX variables first)."""
-  is_var = lambda x: hasattr(x, "get_value") or (hasattr(x, "value") and not isinstance(x, jax.Array))
-  field = jax.tree.map(_unwrap, field, is_leaf=is_var)
-  return field.tree() if isinstance(field, _per_leaf.PerLeaf) else field
+  """A state field read as a params-shaped tree, without NNX variables: the state's arrays may
+  be wrapped (`nnx.Optimizer`), and the layout's treedef holds the params' own `nnx.Param`s."""
+  field = jax.tree.map(_unwrap, field, is_leaf=_is_variable)
+  if isinstance(field, _per_leaf.PerLeaf):
+    field = jax.tree.map(_unwrap, field.tree(), is_leaf=_is_variable)
+  return field
 
 
 def current_scales(opt_state: Any) -> Any:

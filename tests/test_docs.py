@@ -217,13 +217,18 @@ def _altered(old: str, new: str) -> str:
 
 @pytest.mark.parametrize("old, new, culprit", [
     ("    s_min: float = 1.0,\n", "    s_min: float = 2.0,\n", "scale_by_alpha_hill"),
-    ("    labels: Any = None,\n    *,\n", "    labels: Any = None,\n", "scale_by_alpha_hill"),
+    ("    min_ratio: float = 0.5,\n    max_ratio: float = 1.5,\n    interval: int = 500,\n    ramp_steps",
+     "    min_ratio: float = 0.5,\n    max_ratio: float = 1.5,\n    interval: int = 50,\n    ramp_steps",
+     "add_decayed_weights_by_alpha_hill"),
+    ("    *,\n    mask: Any = None,\n    **alpha_decay_kwargs",
+     "    mask: Any = None,\n    **alpha_decay_kwargs", "adamw_alpha_decay"),  # a kind changes
     ("esd(w: jax.Array, estimator: str = 'auto') -> jax.Array",
      "esd(w: jax.Array, solver: str = 'auto') -> jax.Array", "esd"),
-    ("hill_alpha(eigenvalues: jax.Array, tiny: float = 1e-05) -> jax.Array",
-     "hill_alpha(eigenvalues: jax.Array, tiny: float = 1e-05) -> float", "hill_alpha"),
-    ("RelativeScheduleState(count: jax.Array, scales: Any)",
-     "RelativeScheduleState(scales: Any)", "RelativeScheduleState"),
+    ("hill_alpha(eigenvalues: jax.Array, zero_threshold: float | None = None) -> jax.Array",
+     "hill_alpha(eigenvalues: jax.Array, zero_threshold: float = 1e-05) -> jax.Array",
+     "hill_alpha"),
+    ("RelativeScheduleState(count: jax.Array, scales: _per_leaf.PerLeaf)",
+     "RelativeScheduleState(scales: _per_leaf.PerLeaf)", "RelativeScheduleState"),
     ("DENSE_FINAL_FRACTION = 0.06", "DENSE_FINAL_FRACTION = 0.05", "DENSE_FINAL_FRACTION"),
     ("'ramp_steps': 50,", "'ramp_steps': 50.0,", "ALPHA_HILL_PAPER"),
     ("### `warmup_steps_for`", "### warmup_steps_for", "warmup_steps_for"),
