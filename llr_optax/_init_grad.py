@@ -166,7 +166,7 @@ def scale_by_init_grad(scales: Any) -> optax.GradientTransformation:
     leaves, treedef = jax.tree.flatten(params)
     if not leaves:  # `optax.tree.map_params`' placeholder
       return _per_leaf.PerLeaf.from_leaves([], _per_leaf.Layout(treedef, []))
-    mine = jax.tree.leaves(_per_leaf.align_to(scales, params, "scales"))
+    mine = jax.tree.leaves(_labels.align_to(scales, params, "scales"))
     for x, s in zip(leaves, mine):
       if np.ndim(s) > np.ndim(x) or np.broadcast_shapes(np.shape(s), np.shape(x)) != np.shape(x):
         raise ValueError(f"a factor of shape {np.shape(s)} cannot scale a leaf of shape "

@@ -14,8 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-
-from llr_optax import _per_leaf
+import optax
 
 # Every label the default rules can produce. Custom rules may produce any other string.
 LABELS = (
@@ -119,22 +118,56 @@ def label_params(params: Any, rules: Rules | None = None) -> Any:
       lambda path, _: label_path(path_to_str(path), rules), params)
 
 
-def resolve_labels(labels: LabelsOrFn | None, params: Any) -> Any:
-  """Turns the `labels` argument of a transformation into a label tree matching `params`.
+def is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
 
-  `params` may hold `optax.MaskedNode`s (inside `optax.masked`/`partition`); a label tree given
-  for the full params is masked the same way.
+
+def align_to(tree: Any, like: Any, what: str, is_leaf=None) -> Any:
+  """`tree`, given for the params, laid out exactly like `like` (the params as a transformation
+  sees them), matching leaves by key path.
+
+  Two differences are bridged: inside `optax.masked`/`partition`/`multi_transform` the params
+  hold `MaskedNode`s in place of masked-out leaves or subtrees, and a user's tree (labels, matrix
+  axes, scales) lacks them; and NNX params wrap each array in an `nnx.Variable` node that a
+  user's plain-dict tree does not have (`path_to_str` drops the `.value` key).
+
+  Raises:
+    ValueError: a params leaf has no entry in `tree`, or `tree` has entries that are no params
+      leaf (the message names `what` and the path).
   """
+  if jax.tree.structure(tree, is_leaf=is_leaf) == jax.tree.structure(like):
+    return tree
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  given = {path_to_str(p): v for p, v in flat}
+  if len(given) != len(flat):
+    raise ValueError(f"{what}: two entries have the same key path up to case; give a tree with "
+                     "the params' exact structure")
+  out, used, masked = [], set(), []
+  for p, v in jax.tree_util.tree_flatten_with_path(like, is_leaf=is_masked)[0]:
+    key = path_to_str(p)
+    if is_masked(v):
+      masked.append(key)
+    elif key in given:
+      out.append(given[key])
+      used.add(key)
+    else:
+      raise ValueError(f"{what} must have the params' tree structure: it has no entry for the "
+                       f"params leaf {key!r}")
+  extra = [k for k in given if k not in used
+           and not any(k == m or k.startswith(m + "/") or not m for m in masked)]
+  if extra:
+    raise ValueError(f"{what} must have the params' tree structure: {extra[:3]} are not params "
+                     "leaves")
+  return jax.tree.unflatten(jax.tree.structure(like), out)
+
+
+def resolve_labels(labels: LabelsOrFn | None, params: Any) -> Any:
+  """Turns the `labels` argument of a transformation into a label tree matching `params`
+  (see `align_to`: `MaskedNode`s and NNX variables are bridged)."""
   if labels is None:
     return label_params(params)
-  if callable(labels):
-    tree = labels(params)
-    if jax.tree.structure(tree) != jax.tree.structure(params):
-      raise ValueError(
-          "labels(params) must return a tree with the structure of params; got "
-          f"{jax.tree.structure(tree).num_leaves} leaves for {jax.tree.structure(params).num_leaves}")
-    return tree
-  return _per_leaf.align_to(labels, params, "labels")
+  tree = labels(params) if callable(labels) else labels
+  return align_to(tree, params, "labels")
 
 
 def expand_label_keys(keys: Sequence[str], what: str,

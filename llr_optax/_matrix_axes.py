@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from optax.contrib import MuonDimensionNumbers as MatrixAxes
 
-from llr_optax import _labels, _per_leaf
+from llr_optax import _labels
 
 # Labels that are never matrices, whatever their rank.
 _NON_MATRIX_LABELS = ("norm", "bias")
@@ -62,7 +62,7 @@ def resolve_matrix_axes(matrix_axes: Any, params: Any, labels: Any) -> Any:
   if isinstance(matrix_axes, MatrixAxes):
     return jax.tree.map(lambda x: matrix_axes if x.ndim >= 2 else None, params)
   tree = matrix_axes(params) if callable(matrix_axes) else matrix_axes
-  return _per_leaf.align_to(tree, params, "matrix_axes", is_leaf=is_axes_leaf)
+  return _labels.align_to(tree, params, "matrix_axes", is_leaf=is_axes_leaf)
 
 
 def is_axes_leaf(a: Any) -> bool:

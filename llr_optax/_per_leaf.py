@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 
 class Layout:
@@ -101,31 +100,3 @@ class PerLeaf:
 
   def __repr__(self) -> str:
     return f"PerLeaf({self.layout!r}, values={self.values!r})"
-
-
-def is_masked(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
-def align_to(tree: Any, like: Any, what: str, is_leaf=None) -> Any:
-  """`tree` (same structure as the params) with `MaskedNode`s wherever `like` has one.
-
-  Inside `optax.masked`/`optax.partition`/`optax.multi_transform` a transformation sees params
-  and updates whose masked-out leaves (or whole subtrees, for a prefix mask) are `MaskedNode`s,
-  while tree-valued arguments (labels, matrix axes, scales) are given for the full params. This
-  masks them the same way, so the two flatten alike.
-
-  Raises:
-    ValueError: the structures differ in another way (the message names `what`).
-  """
-  mismatch = ValueError(
-      f"{what} must have the same tree structure as the params "
-      f"(got {jax.tree.structure(tree, is_leaf=is_leaf)} for params {jax.tree.structure(like)})")
-  try:
-    out = jax.tree.map(lambda l, t: optax.MaskedNode() if is_masked(l) else t, like, tree,
-                       is_leaf=is_masked)
-  except ValueError as e:
-    raise mismatch from e
-  if len(jax.tree.leaves(out, is_leaf=is_leaf)) != len(jax.tree.leaves(like)):
-    raise mismatch
-  return out

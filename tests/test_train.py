@@ -89,7 +89,7 @@ def test_config_rejects_bad_values(bad, match):
 # ------------------------------------------------------------------------- optimizers
 
 COMBINATIONS = [(m, o) for o in config_lib.OPTIMIZERS for m in config_lib.METHODS
-                if not (m in config_lib.STANDALONE_METHODS and o != "adamw")]
+                if not (m in config_lib.ADAMW_ONLY_METHODS and o != "adamw")]
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +117,13 @@ def test_every_method_takes_three_jitted_steps(method, optimizer, corpus, tmp_pa
 
 
 def test_muon_only_on_hidden_matrices():
+    # The trainer routes Muon with llr_optax.muon_dimension_numbers (tested in the library's
+    # tests too); here on the trainer's own key paths.
     params = {"model": {"embed_tokens": {"embedding": jnp.zeros((10, 4))},
                         "layers": {"0": {"self_attn": {"q_proj": {"kernel": jnp.zeros((4, 4))}},
                                          "input_layernorm": {"scale": jnp.zeros(4)}}}},
               "lm_head": {"kernel": jnp.zeros((4, 10))}}
-    dims = optimizers.muon_dimension_numbers(params)
+    dims = llr_optax.muon_dimension_numbers(params)
     assert dims["model"]["embed_tokens"]["embedding"] is None
     assert dims["lm_head"]["kernel"] is None
     assert dims["model"]["layers"]["0"]["input_layernorm"]["scale"] is None
@@ -137,6 +139,12 @@ def test_schedules(corpus, tmp_path):
     assert float(rel(100)) == pytest.approx(llr_optax.DENSE_FINAL_FRACTION)
     up = optimizers.base_schedule(cfg.replace(method="upper_bound"))
     assert float(up(10)) == pytest.approx(cfg.s_max)
+    # blockwise: the run's own floor, so its base schedule is uniform's.
+    block = optimizers.base_schedule(cfg.replace(method="blockwise"))
+    for t in (0, 5, 10, 60, 100):
+        assert float(block(t)) == pytest.approx(float(sched(t)), rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match="alpha_decay.*adamw"):
+        cfg.replace(method="alpha_decay", optimizer="muon")
     # TrainConfig already refuses lars + muon; build_optimizer checks on its own too.
     bad = cfg.replace(method="lars")
     object.__setattr__(bad, "optimizer", "muon")

@@ -90,9 +90,10 @@ def run_configs(args: argparse.Namespace) -> tuple[list[config_lib.TrainConfig],
     configs, notes = [], []
     for optimizer in args.optimizers:
         for method in args.methods:
-            if method in config_lib.STANDALONE_METHODS and optimizer != "adamw":
-                notes.append(f"{method} with {optimizer} skipped: {method} is its own "
-                             "optimizer (run once, under adamw)")
+            if method in config_lib.ADAMW_ONLY_METHODS and optimizer != "adamw":
+                why = ("is its own optimizer (run once, under adamw)"
+                       if method in config_lib.STANDALONE_METHODS else "is AdamW-only")
+                notes.append(f"{method} with {optimizer} skipped: {method} {why}")
                 continue
             lr = method_lr.get(method, args.lr)
             for seed in range(args.first_seed, args.first_seed + args.seeds):

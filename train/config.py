@@ -17,7 +17,7 @@ from typing import Any
 
 METHODS = (
     "uniform", "alpha_hill", "init_grad", "relative", "lars", "lamb", "tempbalance",
-    "upper_bound",
+    "upper_bound", "blockwise", "alpha_decay",
 )
 OPTIMIZERS = ("adamw", "muon")
 # Axes of the device mesh (``--mesh``): pure data parallelism, FSDP (parameters and
@@ -27,6 +27,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # LARS and LAMB are complete optimizers (their own momentum and trust ratio), not a
 # scale chained after AdamW or Muon.
 STANDALONE_METHODS = ("lars", "lamb")
+# AlphaDecay replaces AdamW's weight decay: AdamW only, as in its paper.
+ADAMW_ONLY_METHODS = STANDALONE_METHODS + ("alpha_decay",)
 # Kept in sync with ``models.PRESETS`` (checked by the tests); listed here so the CLI
 # does not import JAX just to validate ``--preset``.
 MODEL_PRESETS = ("tiny", "20m", "60m", "130m", "350m", "1b")
@@ -205,6 +207,10 @@ class TrainConfig:
 
 def check_combination(method: str, optimizer: str) -> None:
     """Raises a ``ValueError`` for a method that cannot run on ``optimizer``."""
+    if method == "alpha_decay" and optimizer != "adamw":
+        raise ValueError(
+            "--method alpha_decay is AdamW with a per-matrix weight decay "
+            "(llr_optax.adamw_alpha_decay); use --optimizer adamw.")
     if method in STANDALONE_METHODS and optimizer != "adamw":
         raise ValueError(
             f"--method {method} is its own base optimizer (optax.{method}); it cannot be "

@@ -20,8 +20,6 @@ import optax
 import llr_optax
 from train.config import TrainConfig, check_combination
 
-# Muon is applied to the hidden weight matrices only; these labels go to its AdamW.
-_ADAM_LABELS = ("embed", "head", "norm", "bias", "other")
 # Muon's update has RMS ~ 1/sqrt(max dim) before scaling; consistent_rms rescales it to
 # 0.2, AdamW's typical update RMS (Liu et al. 2025), so both share one lr and schedule.
 _MUON_CONSISTENT_RMS = 0.2
@@ -42,25 +40,12 @@ def base_schedule(cfg: TrainConfig) -> optax.Schedule:
     if cfg.method == "relative":
         return llr_optax.relative_base_schedule(
             lr, cfg.steps, llr_optax.DENSE_FINAL_FRACTION, cfg.warmup_steps)
+    if cfg.method == "blockwise":
+        return llr_optax.relative_base_schedule(
+            lr, cfg.steps, cfg.final_lr_fraction, cfg.warmup_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.steps, end_value=cfg.final_lr_fraction * lr)
-
-
-def muon_dimension_numbers(params: Any) -> Any:
-    """Muon's ``muon_weight_dimension_numbers``: hidden 2-D matrices -> Muon, rest -> None.
-
-    ``None`` sends embedding, head, norm scales (and anything unlabelled) to Muon's
-    internal AdamW. Labels come from ``llr_optax.label_params`` (key-path rules).
-    """
-    labels = llr_optax.label_params(params)
-
-    def one(x, label):
-        if x.ndim == 2 and label not in _ADAM_LABELS:
-            return optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
-        return None
-
-    return jax.tree.map(one, params, labels)
 
 
 def base_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -76,12 +61,19 @@ def base_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.Gradient
                           momentum=cfg.b1)
     if cfg.method == "lamb":
         return optax.lamb(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    if cfg.method == "alpha_decay":
+        # AlphaDecay's per-matrix weight decay inside AdamW (AdamW only, as in its paper),
+        # recomputed on alpha_hill's interval (the authors: every 500 steps).
+        return llr_optax.adamw_alpha_decay(
+            schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+            interval=cfg.interval, min_eigenvalues=cfg.min_eigenvalues)
     if cfg.optimizer == "adamw":
         return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
     return optax.contrib.muon(
         schedule, beta=cfg.b1, weight_decay=cfg.weight_decay,
         adam_b1=cfg.b1, adam_b2=cfg.b2, adam_weight_decay=cfg.weight_decay,
-        muon_weight_dimension_numbers=muon_dimension_numbers,
+        # Hidden matrices (stacked ones per matrix) to Muon; embedding, head, norms to AdamW.
+        muon_weight_dimension_numbers=llr_optax.muon_dimension_numbers,
         consistent_rms=_MUON_CONSISTENT_RMS)
 
 
@@ -104,11 +96,18 @@ def method_transform(cfg: TrainConfig, init_scales: Any = None) -> optax.Gradien
         return llr_optax.relative_schedule(
             llr_optax.DENSE_MULTIPLIERS, cfg.steps, llr_optax.DENSE_FINAL_FRACTION,
             cfg.warmup_steps)
+    if cfg.method == "blockwise":
+        # Wang et al.'s peak-LR ratios, every block decaying to the run's common floor
+        # (final_lr_fraction * lr), as in their code; see llr_optax.BLOCKWISE_MULTIPLIERS.
+        return llr_optax.relative_schedule(
+            llr_optax.BLOCKWISE_MULTIPLIERS, cfg.steps, cfg.final_lr_fraction,
+            cfg.warmup_steps)
     if cfg.method == "init_grad":
         if init_scales is None:
             raise ValueError("method 'init_grad' needs init_scales= (measure_init_grad)")
         return llr_optax.scale_by_init_grad(init_scales)
-    # uniform, upper_bound (lr already scaled), lars, lamb: no per-leaf factor.
+    # uniform, upper_bound (lr already scaled), lars, lamb, alpha_decay (in the base):
+    # no per-leaf factor.
     return optax.identity()
 
 

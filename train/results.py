@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     # Chainable methods first, the sweep next, LARS/LAMB (whole optimizers of their own) last.
     per_optimizer = {"muon": args.muon_methods or args.methods}
     cells = [(o, m) for o in args.optimizers for m in per_optimizer.get(o, args.methods)
-             if m not in config_lib.STANDALONE_METHODS]
+             if m not in config_lib.STANDALONE_METHODS
+             and (o == "adamw" or m not in config_lib.ADAMW_ONLY_METHODS)]
     cells += [("adamw", m) for m in args.methods
               if m in config_lib.STANDALONE_METHODS and "adamw" in args.optimizers]
     standalone = [c for c in cells if c[1] in config_lib.STANDALONE_METHODS]
