@@ -12,7 +12,7 @@ where we depart:
 
 * every nn.Linear takes part if it has >= 50 eigenvalues (`min_eigenvalues`; our default 8 as
   in `scale_by_alpha_hill`, 50 in `ALPHA_DECAY_RELEASED`); embedding and head keep `wd`
-  (SPEC: the first and last layer). Their `remove_first_layer` drops the first visited Linear,
+  (the paper: the first and last layer). Their `remove_first_layer` drops the first visited Linear,
   which in their LLaMA is layer 0's `q_proj`, not the embedding (not visited there); we keep
   that matrix in (a departure without an option: it is an artefact of module order).
 * norm scales (and biases) keep `wd`, as their "untuned" group does; pass `mask` to exclude
@@ -20,7 +20,7 @@ where we depart:
 * recompute every 500 steps for the whole run, no ramp: our defaults too. Their first
   assignment is at optimizer construction (step 0) and then when `(step + 1) % 500 == 0`; ours
   at step 0 and every `interval` steps (one step earlier).
-* ratios: class default 0.5 / 1.5 (our default, as SPEC); their released AdamW scripts use
+* ratios: class default 0.5 / 1.5 (our default); their released AdamW scripts use
   0.6666 / 5 (`ALPHA_DECAY_RELEASED`).
 """
 

@@ -32,7 +32,7 @@ class ScaleByInitGradState(NamedTuple):
 
 
 def init_grad_scales(grads: Sequence[Any]) -> Any:
-  """Per-leaf LR factors from gradients at initialization (SPEC.md steps 2-4).
+  """Per-leaf LR factors from gradients at initialization (docs/methods.md).
 
   Args:
     grads: gradient pytrees of T >= 1 minibatches, all with the same structure, taken at the same

@@ -86,7 +86,7 @@ def test_errors():
   tx = llr_optax.scale_by_init_grad({"w": 1.0})
   with pytest.raises(ValueError, match="2 leaves but the factors were made for 1"):
     tx.update({"w": jnp.ones(2), "v": jnp.ones(2)}, tx.init(None))
-  with pytest.raises(ValueError, match="scales must have the same tree structure"):
+  with pytest.raises(ValueError, match="scales must have the params. tree structure.*'v'"):
     tx.init({"w": jnp.ones(2), "v": jnp.ones(2)})
   with pytest.raises(ValueError, match="list of gradient pytrees.*dict"):
     llr_optax.init_grad_scales({"q_proj": jnp.ones(2)})
