@@ -80,7 +80,6 @@ import llr_optax  # noqa: E402
 from llr_optax import _spectral  # noqa: E402
 from models.presets import PRESETS  # noqa: E402
 
-TINY = _spectral.TINY_EIGENVALUE
 
 
 def model_shapes(preset: str) -> list[tuple[int, int]]:
@@ -91,10 +90,9 @@ def model_shapes(preset: str) -> list[tuple[int, int]]:
   return per_layer * cfg["num_layers"]
 
 
-def hill_np(lam: np.ndarray, tiny: float = TINY) -> float:
-  """PL_Alpha_Hill with the median as xmin (SPEC.md section 1), NumPy, one spectrum."""
+def hill_np(lam: np.ndarray) -> float:
+  """PL_Alpha_Hill with the median of all eigenvalues as xmin (docs/methods.md), NumPy."""
   lam = np.sort(np.maximum(np.asarray(lam, np.float64), 0.0))
-  lam = lam[lam >= tiny]
   n = lam.size
   if n < 2:
     return float("nan")

@@ -1,6 +1,6 @@
 """Method x base optimizer -> one optax chain.
 
-Every layer-wise method has the same shape (SPEC.md, "Where a per-leaf LR scale goes")::
+Every layer-wise method has the same shape (docs/methods.md)::
 
     clip_by_global_norm(clip) -> base optimizer (AdamW or Muon) on the base schedule
                               -> the method's per-leaf scale
@@ -24,7 +24,7 @@ from train.config import TrainConfig, check_combination
 # 0.2, AdamW's typical update RMS (Liu et al. 2025), so both share one lr and schedule.
 _MUON_CONSISTENT_RMS = 0.2
 # TempBalance: same estimator as alpha_hill, but mapped onto [0.5, 1.5], embedding and
-# head left at 1, hard switch, recomputed for the whole run (SPEC.md, Baselines).
+# head left at 1, hard switch, recomputed for the whole run (docs/methods.md).
 TEMPBALANCE = dict(s_min=0.5, s_max=1.5, fixed_scales={"embed": 1.0, "head": 1.0},
                    ramp_steps=0, total_steps=None)
 
@@ -146,7 +146,7 @@ def measure_init_grad(
     params: Any,
     batches: Any,
 ) -> Any:
-    """Init-gradient LR factors (SPEC.md section 3) for ``params``' structure.
+    """Init-gradient LR factors (docs/methods.md) for ``params``' structure.
 
     Gradients are taken at a fan-in initialised copy of ``params`` (the training
     params themselves are not touched), held fixed over ``cfg.init_grad_batches``
