@@ -1,4 +1,7 @@
-"""Tests of the trainer's data pipeline (train/corpus.py, train/data.py)."""
+"""Tests of the trainer's data pipeline (corpus, default_corpus, split, windows, data).
+
+Tokenizers are tested in test_tokenizers.py, prepared corpora in test_prepare.py.
+"""
 
 from __future__ import annotations
 
@@ -10,44 +13,25 @@ import sys
 import numpy as np
 import pytest
 
+from tests._corpus import documents
 from train import corpus as corpus_lib
 from train import data as data_lib
-from train.corpus import clean_wikitext
-from train.data import (
-    ByteTokenizer,
-    DataConfig,
-    build_data,
-    encode_documents,
-    get_tokenizer,
-    num_windows,
-    split_documents,
-    val_batches,
-    window,
-)
+from train import default_corpus
+from train.data import DataConfig, build_data
+from train.default_corpus import clean_wikitext
+from train.errors import UserError
+from train.split import encode_documents, split_documents
+from train.tokenizers import ByteTokenizer
+from train.windows import num_windows, val_batches, window
 
 # A single process unless a test says otherwise; avoids touching jax in most tests.
 SINGLE = dict(shard_index=0, shard_count=1)
-
-WORDS = (
-    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
-    "rho sigma tau upsilon phi chi psi omega"
-).split()
-
-
-def _documents(n: int, seed: int = 0) -> list[str]:
-    """n distinct, deterministic documents of 40-120 words (with some non-ASCII)."""
-    rng = np.random.default_rng(seed)
-    docs = []
-    for i in range(n):
-        words = rng.choice(WORDS, size=int(rng.integers(40, 120)))
-        docs.append(f"Document {i} café naïve. " + " ".join(words) + ".")
-    return docs
 
 
 @pytest.fixture
 def text_file(tmp_path):
     path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(_documents(40)) + "\n", encoding="utf-8")
+    path.write_text("\n\n".join(documents(40)) + "\n", encoding="utf-8")
     return path
 
 
@@ -119,16 +103,16 @@ def test_wiki_dump_parsing_skips_redirects_and_other_namespaces(tmp_path):
         ("Wikipedia:Policy", 4, article, False),
         ("Stub", 0, "Tiny.", False),
     ])
-    titles = [t for t, _ in corpus_lib.iter_wiki_articles(path)]
+    titles = [t for t, _ in default_corpus.iter_wiki_articles(path)]
     assert titles == ["Foo", "Stub"]
-    corpus = corpus_lib.load_wiki_corpus(path, min_chars=50)
+    corpus = default_corpus.load_wiki_corpus(path, min_chars=50)
     assert len(corpus.documents) == 1  # the stub is dropped
     assert corpus.documents[0].startswith("Foo\nFoo is a thing with words. Foo is a thing")
 
 
 def test_default_corpus_is_clean_english_wikipedia():
-    corpus = corpus_lib.load_default_corpus()
-    if corpus_lib.find_enwiki_sample() is None:
+    corpus = default_corpus.load_default_corpus()
+    if default_corpus.find_enwiki_sample() is None:
         pytest.skip("gensim is not installed: the default corpus is the pydoc fallback")
     assert "enwiki" in corpus.name
     assert len(corpus.documents) > 100
@@ -141,64 +125,11 @@ def test_default_corpus_is_clean_english_wikipedia():
 
 
 def test_fallback_corpus_without_gensim(monkeypatch):
-    monkeypatch.setattr(corpus_lib, "find_enwiki_sample", lambda: None)
-    corpus = corpus_lib.load_default_corpus()
+    monkeypatch.setattr(default_corpus, "find_enwiki_sample", lambda: None)
+    corpus = default_corpus.load_default_corpus()
     assert "pydoc" in corpus.name
     assert len(corpus.documents) > 50
     assert all(d.strip() for d in corpus.documents)
-
-
-# --------------------------------------------------------------------------------------
-# Tokenizers
-# --------------------------------------------------------------------------------------
-
-
-def test_byte_tokenizer_round_trip():
-    tok = get_tokenizer("byte")
-    assert isinstance(tok, ByteTokenizer) and isinstance(tok, data_lib.Tokenizer)
-    assert tok.vocab_size == 257 and tok.eos_id == 256
-    text = "Héllo, wörld — ναί 日本 🙂"
-    ids = tok.encode(text)
-    assert ids.dtype == np.int32
-    assert len(ids) == len(text.encode("utf-8"))
-    assert ids.max() < 256
-    assert tok.decode(ids) == text
-    assert tok.decode(np.append(ids, tok.eos_id)) == text  # EOS is skipped
-    assert tok.token_bytes.shape == (257,) and tok.token_bytes[256] == 0
-    assert tok.token_bytes[:256].tolist() == [1] * 256
-
-
-def test_get_tokenizer_errors():
-    with pytest.raises(ValueError, match="Unknown tokenizer 'wordpiece'"):
-        get_tokenizer("wordpiece")
-    with pytest.raises(ValueError, match="vocab_size"):
-        get_tokenizer("byte", vocab_size=1000)
-    with pytest.raises(ValueError, match="Unknown tokenizer"):
-        DataConfig(tokenizer="nope")
-
-
-def test_sentencepiece_missing_gives_install_hint(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # makes the import fail
-    with pytest.raises(ImportError, match=r"pip install 'llr-optax\[sentencepiece\]'"):
-        get_tokenizer("sentencepiece", documents=["some text"], vocab_size=400)
-
-
-def test_sentencepiece_trains_caches_and_round_trips(tmp_path):
-    pytest.importorskip("sentencepiece")
-    docs = _documents(60)
-    tok = get_tokenizer("sentencepiece", documents=docs, vocab_size=400, cache_dir=tmp_path)
-    cached = sorted(tmp_path.glob("*.model"))
-    assert len(cached) == 1
-    assert 300 <= tok.vocab_size <= 400
-    text = "Document 7 café naïve. gamma delta Ωmega"
-    assert tok.decode(tok.encode(text)) == text
-    # Same corpus and size: loaded from the cache, no second model.
-    tok2 = get_tokenizer("sentencepiece", documents=docs, vocab_size=400, cache_dir=tmp_path)
-    assert tok2.model_path == tok.model_path
-    assert np.array_equal(tok2.encode(text), tok.encode(text))
-    # token_bytes sums to the UTF-8 size, up to the dummy-prefix space.
-    n = int(tok.token_bytes[tok.encode(text)].sum())
-    assert n - len(text.encode("utf-8")) in (0, 1)
 
 
 # --------------------------------------------------------------------------------------
@@ -207,7 +138,7 @@ def test_sentencepiece_trains_caches_and_round_trips(tmp_path):
 
 
 def test_split_by_document_is_disjoint_and_deterministic():
-    docs = _documents(100)
+    docs = documents(100)
     train, val = split_documents(docs, 0.1, seed=0)
     assert len(val) == 10 and len(train) == 90
     assert set(train).isdisjoint(val) and set(train) | set(val) == set(docs)
@@ -401,7 +332,7 @@ def test_build_data_val_split_and_bytes(text_file):
     assert len(batches) == data.num_val_batches
     assert sum(b["mask"].sum() for b in batches) == data.num_val_targets
     # The val stream is the val documents, each + EOS; bytes exclude EOS and the first.
-    _, val_docs = split_documents(_documents(40), 0.1, seed=0)
+    _, val_docs = split_documents(documents(40), 0.1, seed=0)
     assert np.array_equal(data.val_tokens, encode_documents(val_docs, ByteTokenizer()))
     assert data.val_bytes == sum(len(d.encode()) for d in val_docs) - 1
     assert data.bits_per_byte(math.log(2) * data.val_bytes) == pytest.approx(1.0)
@@ -446,7 +377,7 @@ def test_load_txt_jsonl_and_directory(tmp_path):
 
 def test_build_data_from_jsonl(tmp_path):
     jl = tmp_path / "data.jsonl"
-    jl.write_text("".join(json.dumps({"text": d}) + "\n" for d in _documents(20)),
+    jl.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(20)),
                   encoding="utf-8")
     # Shards default to jax.process_index() / jax.process_count().
     data = build_data(DataConfig(source=str(jl), seq_len=16, batch_size=2))
