@@ -432,3 +432,84 @@ def test_user_data_errors(tmp_path, text_file):
     no_txt.mkdir()
     with pytest.raises(ValueError, match=r"No \*\.txt files"):
         build_data(DataConfig(source=str(no_txt), **SINGLE))
+
+
+def test_streamed_text_documents_match_a_whole_file_split(tmp_path):
+    import re
+
+    text = ("\n \t\r\nfirst doc\r\nstill first  \r\n\r\n\r\n  second\tdoc \n \n\nthird ü\n"
+            "\n\n\n" + "\n\n".join(documents(30)) + "\n  \n")
+    path = tmp_path / "tricky.txt"
+    path.write_bytes(text.encode("utf-8"))
+    # Reference: the whole file read at once (universal newlines), split at blank lines.
+    whole = path.read_text(encoding="utf-8")
+    reference = [d.strip() for d in re.split(r"\n[ \t\r]*\n", whole) if d.strip()]
+    seen = []
+    assert list(corpus_lib.iter_documents(path, progress=seen.append)) == reference
+    assert reference[:3] == ["first doc\nstill first", "second\tdoc", "third ü"]
+    assert sum(seen) == path.stat().st_size  # progress accounts for every byte
+
+
+def test_bad_files_are_named_in_one_line(tmp_path):
+    cases = []
+    png = tmp_path / "image.txt"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+    cases.append((png, r"image.txt' is not UTF-8 text"))
+    jl = tmp_path / "bad.jsonl"
+    jl.write_bytes(b'{"text": "ok"}\n{"text": "fine"}\n{"text": "\xff\xfe"}\n')
+    cases.append((jl, r"bad.jsonl' is not UTF-8 text \(line 3"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("fine text", encoding="utf-8")
+    (folder / "b.txt").write_bytes(np.random.default_rng(0).bytes(300))
+    cases.append((folder, r"b.txt' is not UTF-8 text"))
+    garbage = tmp_path / "garbage.npy"
+    garbage.write_bytes(np.random.default_rng(1).bytes(300))
+    cases.append((garbage, r"garbage.npy' is not a NumPy .npy file"))
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    cases.append((objects, r"objects.npy' holds Python objects"))
+    truncated = tmp_path / "truncated.npy"
+    np.save(truncated, np.arange(1000, dtype=np.int32))
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    cases.append((truncated, r"truncated.npy' is not a readable .npy file"))
+    parquet = tmp_path / "fake.parquet"
+    parquet.write_text("not parquet", encoding="utf-8")
+    cases.append((parquet, r"fake.parquet' is not a readable Parquet file"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    other_column = tmp_path / "body.parquet"
+    pq.write_table(pa.table({"body": ["a document"]}), other_column)
+    cases.append((other_column, r"body.parquet' has no column 'text' \(columns: body\)"))
+    for path, message in cases:
+        with pytest.raises(UserError, match=message) as info:
+            build_data(DataConfig(source=str(path), **SINGLE))
+        assert "\n" not in str(info.value) and "allow_pickle" not in str(info.value)
+    assert corpus_lib.load_documents(other_column, text_field="body") == ["a document"]
+
+
+def test_empty_validation_split_fails_before_training(text_file, tmp_path):
+    with pytest.raises(UserError, match=r"validation split \(--val-fraction 0.0\) of .* is empty"):
+        build_data(DataConfig(source=str(text_file), val_fraction=0.0, **SINGLE))
+    np.save(tmp_path / "ids.npy", np.arange(100, dtype=np.int32))
+    with pytest.raises(UserError, match="is empty"):
+        build_data(DataConfig(source=str(tmp_path / "ids.npy"), val_fraction=0.0, seq_len=8,
+                              **SINGLE))
+
+
+def test_streaming_split_rule():
+    from train.split import is_validation_document
+
+    docs = [f"doc {i}" for i in range(20_000)]
+    val = [d for d in docs if is_validation_document(d, 0.1)]
+    # Binomial(20000, 0.1): standard deviation 0.0021; 0.01 is almost 5 of them.
+    assert abs(len(val) / len(docs) - 0.1) < 0.01
+    assert val == [d for d in docs if is_validation_document(d, 0.1)]  # deterministic
+    assert set(val) != {d for d in docs if is_validation_document(d, 0.1, seed=1)}
+    assert not any(is_validation_document(d, 0.0) for d in docs[:1000])
+    # Both split rules take the documents of smallest hash: the exact-count split of the
+    # first 2000 documents and the threshold rule are nested sets.
+    _, exact = split_documents(docs[:2000], 0.1)
+    streamed = {d for d in docs[:2000] if is_validation_document(d, 0.1)}
+    assert set(exact) <= streamed or streamed <= set(exact)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import socket
 import subprocess
 import sys
 import textwrap
@@ -122,6 +124,27 @@ def test_prepare_with_a_tokenizer_json_and_the_trainer_checks_it(tmp_path):
                               tokenizer_model=str(_metaspace_json(tmp_path / "other.json",
                                                                   with_eos=False)),
                               seq_len=8, **SINGLE))
+
+
+def test_prepare_trains_sentencepiece_on_the_training_documents(tmp_path):
+    from train.tokenizers import SentencePieceTokenizer, load_tokenizer_model
+
+    docs = documents(80)
+    source = _write_source("parquet", tmp_path, docs)
+    corpus = prepare_lib.prepare(str(source), tmp_path / "out", tokenizer="sentencepiece",
+                                 vocab_size=400, val_fraction=0.2, progress=False,
+                                 cache_dir=str(tmp_path / "cache"))
+    train_docs = [d for d in docs if not _is_val(d, 0.2)]
+    # The model cache is keyed by the training text: asking for a model of exactly the
+    # training documents finds the one prepare trained (no second model).
+    reference = SentencePieceTokenizer.train(train_docs, 400, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.model"))) == 1
+    copied = tmp_path / "out" / corpus.tokenizer["file"]
+    assert copied.read_bytes() == reference.model_path.read_bytes()
+    assert corpus.tokenizer["kind"] == "sentencepiece"
+    tok = load_tokenizer_model(copied)
+    want = [i for d in train_docs for i in tok.encode(d).tolist() + [tok.eos_id]]
+    assert corpus.tokens("train")[0:10**9].tolist() == want
 
 
 def test_prepare_token_ids(tmp_path):
@@ -304,6 +327,69 @@ def test_prepared_iterator_state_round_trip(prepared_ids):
         assert all(np.array_equal(want[k], got[k]) for k in want)
 
 
+def test_open_shard_files_are_bounded_and_streams_pickle(prepared_ids, monkeypatch):
+    monkeypatch.setattr(shards, "_MAX_OPEN_SHARDS", 3)
+    out, train, _ = prepared_ids
+    stream = shards.open_prepared(out).tokens("train")
+    assert len(stream.paths) > 20
+    for a in np.random.default_rng(0).integers(0, len(train) - 2000, 200):
+        assert np.array_equal(stream[a:a + 2000], train[a:a + 2000])  # up to 4 shards
+        assert len(stream._fds) <= 3  # pylint: disable=protected-access
+    assert np.array_equal(stream[-5:], train[-5:]) and stream[7:7].shape == (0,)
+    copy = pickle.loads(pickle.dumps(stream))
+    assert len(pickle.dumps(stream)) < 10_000  # its file list, not its tokens
+    assert np.array_equal(copy[700:900], train[700:900])
+
+
+TWO_PROCESSES = textwrap.dedent("""
+    import sys
+    import jax
+
+    port, pid, same, mine = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                               process_id=pid)
+    from train.data import DataConfig, build_data
+    from train.errors import UserError
+
+    data = build_data(DataConfig(source=same, seq_len=8, batch_size=1, num_epochs=1,
+                                 num_threads=0))
+    starts = sorted(int(b["inputs"][0, 0]) // 8 for b in data.train_iter())
+    print(data.shard_index, data.shard_count, starts[0], starts[-1], len(starts))
+    try:
+        build_data(DataConfig(source=mine, seq_len=8, batch_size=1))
+        print("no error")
+    except UserError as e:
+        print("UserError:", e)
+""")
+
+
+def test_two_processes_read_their_own_shares_and_must_see_the_same_data(prepared_ids,
+                                                                        tmp_path):
+    out, train, _ = prepared_ids
+    n = num_windows(len(train), 8)
+    m = n // 2
+    # Process 1 is then given another corpus (say, another file at the same path on its
+    # host): both processes must stop with the same one-line error, not train on a mix.
+    np.save(tmp_path / "other.npy", np.arange(1, 20_001, dtype=np.int32))
+    prepare_lib.prepare(str(tmp_path / "other.npy"), tmp_path / "other", val_fraction=0.1,
+                        progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(port), str(i), str(out),
+                               str(mine)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for i, mine in enumerate([out, tmp_path / "other"])]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    # The last two lines are ours (gloo prints its connection on stdout before them).
+    lines = [out.strip().splitlines()[-2:] for out, _ in outs]
+    assert [first for first, _ in lines] == [f"0 2 0 {m - 1} {m}", f"1 2 {m} {2 * m - 1} {m}"]
+    errors = {second for _, second in lines}
+    assert len(errors) == 1 and errors.pop().startswith("UserError: Processes [1] of 2 see other")
+
+
 MEMORY_CHECK = textwrap.dedent("""
     import sys
     from train.data import DataConfig, build_data
@@ -319,10 +405,10 @@ MEMORY_CHECK = textwrap.dedent("""
     data = build_data(DataConfig(source=sys.argv[1], seq_len=256, batch_size=32, num_threads=1,
                                  val_batch_size=64, shard_index=0, shard_count=1))
     it = data.train_iter()
-    for _ in range(1000):   # 32,000 random windows spread over the whole corpus
+    for _ in range(500):   # 16,000 random windows spread over the whole corpus
         next(it)
-    for i, _ in enumerate(data.val_batches()):  # and the first 200 validation batches
-        if i == 200:
+    for i, _ in enumerate(data.val_batches()):  # and the first 100 validation batches
+        if i == 100:
             break
     print(start, rss_mib(), data.num_train_tokens)
 """)

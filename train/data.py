@@ -291,7 +291,7 @@ def _build_from_prepared(cfg: DataConfig) -> dict[str, Any]:
         num_val_docs=prepared.num_documents("val"),
         fingerprint=make_fingerprint(prepared.name, tok_info.get("kind"),
                                      tok_info.get("sha256"), prepared.fingerprint),
-        val_what=f"validation split (fixed by python -m train.prepare --val-fraction)")
+        val_what="validation split (fixed by python -m train.prepare --val-fraction)")
 
 
 def _build_from_token_file(cfg: DataConfig, path: Path) -> dict[str, Any]:

@@ -40,6 +40,7 @@ half-written shard is never used.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -78,6 +79,9 @@ SPLITS = ("train", "val")
 # is complete (the length is not known while tokens stream in).
 _HEADER_BYTES = 128
 _NPY_MAGIC = b"\x93NUMPY"
+# A process keeps at most this many shard files open (least recently used are closed), so
+# a corpus of thousands of shards stays far from the open-file limit.
+_MAX_OPEN_SHARDS = 64
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -154,7 +158,8 @@ class ShardedTokens:
 
     Reads only the bytes of the requested slice (positioned reads, see the module
     docstring); files are opened on first use, so a process opens only the shards of
-    its own share. Pickles as its file list (grain may copy map functions).
+    its own share, and at most ``_MAX_OPEN_SHARDS`` at a time. Thread-safe. Pickles as
+    its file list (grain may copy map functions).
 
     Args:
       paths: The shard files, in stream order.
@@ -167,22 +172,25 @@ class ShardedTokens:
         self.lengths = [int(n) for n in lengths]
         self.dtype = np.dtype(dtype)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
-        self._fds: dict[int, int] = {}
+        self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def _fd(self, i: int) -> int:
-        with self._lock:
-            if i not in self._fds:
-                self._fds[i] = os.open(self.paths[i], os.O_RDONLY)
-            return self._fds[i]
-
     def _read(self, i: int, start: int, stop: int) -> np.ndarray:
         size = self.dtype.itemsize
         want = (stop - start) * size
-        data = os.pread(self._fd(i), want, _HEADER_BYTES + start * size)
+        # The lock covers the read too: an evicted descriptor is never closed under a
+        # reader in another thread (grain's prefetch thread and an eval pass may both read).
+        with self._lock:
+            if i in self._fds:
+                self._fds.move_to_end(i)
+            else:
+                if len(self._fds) >= _MAX_OPEN_SHARDS:
+                    os.close(self._fds.popitem(last=False)[1])
+                self._fds[i] = os.open(self.paths[i], os.O_RDONLY)
+            data = os.pread(self._fds[i], want, _HEADER_BYTES + start * size)
         if len(data) != want:
             raise UserError(f"Shard {str(self.paths[i])!r} is shorter than its index says "
                             "(damaged?); prepare the corpus again")

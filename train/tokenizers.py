@@ -376,7 +376,9 @@ class HFTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Encodes many texts at once (parallel inside ``tokenizers``)."""
-        encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
+        # encode_batch_fast (tokenizers >= 0.20) skips computing offsets we do not use.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        encodings = encode(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, np.int32) for e in encodings]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
