@@ -46,6 +46,7 @@ __all__ = [
     "TokenStream",
     "bits_per_byte",
     "check_seq_len",
+    "num_val_batches",
     "num_windows",
     "restore_iterator_args",
     "save_iterator_args",
