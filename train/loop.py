@@ -17,7 +17,8 @@ Everything it records goes to ``out_dir``:
   - ``diverged``: ``step`` and ``loss`` when training stopped on a NaN/Inf.
 
 * ``checkpoints/<step>/``: orbax checkpoints of params + optimizer state
-  (``state``), the grain iterator position (``data``) and the config (``config``).
+  (``state``), the grain iterator position (``data``), the config (``config``) and
+  what the data is, by content (``data_fingerprint``, see :mod:`train.fingerprint`).
 * ``config.json``: the config, for people.
 
 With ``cfg.mesh`` (e.g. ``"data=2,fsdp=4"``) the same loop runs on a device mesh: the
@@ -28,7 +29,7 @@ keeps that layout (see :mod:`train.mesh`). In a multi-process job only process 0
 checkpoints.
 
 ``--resume`` restores the latest checkpoint (refusing one written under a different
-config) and continues the exact trajectory: same parameters, optimizer state, data
+config or on other data) and continues the exact trajectory: same parameters, optimizer state, data
 position and step count; metrics recorded after that checkpoint are dropped.
 """
 
