@@ -1,24 +1,20 @@
-"""Tests of the trainer's data pipeline (corpus, default_corpus, split, windows, data).
+"""Tests of the trainer's data pipeline in memory (split, windows, data).
 
-Tokenizers are tested in test_tokenizers.py, prepared corpora in test_prepare.py.
+Reading files: test_corpus.py; the default corpus: test_default_corpus.py; tokenizers:
+test_tokenizers.py; prepared corpora: test_prepare.py; the trainer CLI: test_data_cli.py.
 """
 
 from __future__ import annotations
 
-import bz2
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 
 from tests._corpus import documents
-from train import corpus as corpus_lib
 from train import data as data_lib
-from train import default_corpus
 from train.data import DataConfig, build_data
-from train.default_corpus import clean_wikitext
 from train.errors import UserError
 from train.split import encode_documents, split_documents
 from train.tokenizers import ByteTokenizer
@@ -37,99 +33,6 @@ def text_file(tmp_path):
 
 def _batches_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-
-
-# --------------------------------------------------------------------------------------
-# Wiki markup cleaner and dump parser
-# --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "wikitext, expected",
-    [
-        ("'''Anarchism''' is a [[political philosophy]].",
-         "Anarchism is a political philosophy."),
-        ("See [[Pierre-Joseph Proudhon|Proudhon]] and [[anarchy|]].",
-         "See Proudhon and anarchy."),
-        ("A {{citation needed|date={{CURRENTYEAR}}}} claim.{{Infobox\n| a = b\n|}}",
-         "A claim."),
-        ("Before\n{| class=\"wikitable\"\n|-\n| cell {{x}} || [[y]]\n|}\nAfter",
-         "Before\nAfter"),
-        ("[[File:A.jpg|thumb|A caption with [[link]] and [note] text.]]Text "
-         "[[Image:B.png|left]][[Category:Philosophy]][[de:Anarchismus]]here.",
-         "Text here."),
-        ("Visit [http://example.com the site] or [https://x.org].", "Visit the site or."),
-        ("Claim.<ref name=\"a\">{{cite book|title=X}}</ref> More<ref name=b /> text.",
-         "Claim. More text."),
-        ("== History ==\nThe ''early'' period<!-- hidden -->.\n=== Sub ===\n* item one\n# item two",
-         "History\nThe early period.\nSub\nitem one\nitem two"),
-        ("x&nbsp;&lt;&nbsp;y &amp; <small>small</small> E=mc<sup>2</sup><br />end",
-         "x < y & small E=mc2end"),
-        ("Label of [http://a.b/c talk at [[University of X|UX]], 1962] kept.",
-         "Label of talk at UX, 1962 kept."),
-        ("Greek ({{lang-grc|ἀναρχία}}) word", "Greek word"),
-        ("{{unclosed template\nBody   text\t here.", "unclosed template\nBody text here."),
-        ("__NOTOC__\n{{Main|X}}\n\n\nPara one.\n----\nPara two.", "Para one.\nPara two."),
-    ],
-)
-def test_clean_wikitext(wikitext, expected):
-    assert clean_wikitext(wikitext) == expected
-
-
-def _write_dump(path, pages, namespace="http://www.mediawiki.org/xml/export-0.11/"):
-    """A minimal MediaWiki dump; pages = [(title, ns, text, is_redirect)]."""
-    from xml.sax.saxutils import escape
-
-    body = []
-    for title, ns, text, redirect in pages:
-        body.append(
-            f"<page><title>{escape(title)}</title><ns>{ns}</ns><id>1</id>"
-            + ('<redirect title="X" />' if redirect else "")
-            + f'<revision><id>2</id><text xml:space="preserve">{escape(text)}</text>'
-            + "</revision></page>"
-        )
-    xml = f'<mediawiki xmlns="{namespace}" version="0.11"><siteinfo/>{"".join(body)}</mediawiki>'
-    with bz2.open(path, "wt", encoding="utf-8") as f:
-        f.write(xml)
-
-
-def test_wiki_dump_parsing_skips_redirects_and_other_namespaces(tmp_path):
-    path = tmp_path / "dump.xml.bz2"
-    article = "'''Foo''' is a [[bar|thing]] with <ref>x</ref> words. " * 10
-    _write_dump(path, [
-        ("Foo", 0, article, False),
-        ("Redirected", 0, "#REDIRECT [[Foo]]", True),
-        ("Redirect without tag", 0, "#redirect [[Foo]]", False),
-        ("Wikipedia:Policy", 4, article, False),
-        ("Stub", 0, "Tiny.", False),
-    ])
-    titles = [t for t, _ in default_corpus.iter_wiki_articles(path)]
-    assert titles == ["Foo", "Stub"]
-    corpus = default_corpus.load_wiki_corpus(path, min_chars=50)
-    assert len(corpus.documents) == 1  # the stub is dropped
-    assert corpus.documents[0].startswith("Foo\nFoo is a thing with words. Foo is a thing")
-
-
-def test_default_corpus_is_clean_english_wikipedia():
-    corpus = default_corpus.load_default_corpus()
-    if default_corpus.find_enwiki_sample() is None:
-        pytest.skip("gensim is not installed: the default corpus is the pydoc fallback")
-    assert "enwiki" in corpus.name
-    assert len(corpus.documents) > 100
-    text = "\n".join(corpus.documents)
-    for markup in ("[[", "]]", "{{", "}}", "<ref", "{|", "'''"):
-        assert markup not in text, markup
-    assert corpus.documents[0].startswith("Anarchism\nAnarchism is a political philosophy")
-    assert text.count(" the ") > 10_000  # English prose
-    assert "gensim" not in sys.modules  # located as a data file, never imported
-
-
-def test_fallback_corpus_without_gensim(monkeypatch):
-    monkeypatch.setattr(default_corpus, "find_enwiki_sample", lambda: None)
-    corpus = default_corpus.load_default_corpus()
-    assert "pydoc" in corpus.name
-    assert len(corpus.documents) > 50
-    assert all(d.strip() for d in corpus.documents)
 
 
 # --------------------------------------------------------------------------------------
@@ -355,26 +258,6 @@ def test_build_data_default_corpus():
 # --------------------------------------------------------------------------------------
 
 
-def test_load_txt_jsonl_and_directory(tmp_path):
-    txt = tmp_path / "a.txt"
-    txt.write_text("first doc\nstill first\n\n  \n\nsecond doc\n", encoding="utf-8")
-    assert corpus_lib.load_documents(txt) == ["first doc\nstill first", "second doc"]
-
-    jl = tmp_path / "a.jsonl"
-    jl.write_text(json.dumps({"body": "one"}) + "\n\n" + json.dumps({"body": "twö"}) + "\n",
-                  encoding="utf-8")
-    assert corpus_lib.load_documents(jl, text_field="body") == ["one", "twö"]
-    with pytest.raises(ValueError, match="'text' field"):
-        corpus_lib.load_documents(jl)
-
-    d = tmp_path / "docs"
-    (d / "sub").mkdir(parents=True)
-    (d / "b.txt").write_text("doc b\n\nsame doc b", encoding="utf-8")
-    (d / "sub" / "a.txt").write_text("doc a", encoding="utf-8")
-    (d / "ignored.md").write_text("nope", encoding="utf-8")
-    assert corpus_lib.load_documents(d) == ["doc b\n\nsame doc b", "doc a"]
-
-
 def test_build_data_from_jsonl(tmp_path):
     jl = tmp_path / "data.jsonl"
     jl.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(20)),
@@ -432,61 +315,6 @@ def test_user_data_errors(tmp_path, text_file):
     no_txt.mkdir()
     with pytest.raises(ValueError, match=r"No \*\.txt files"):
         build_data(DataConfig(source=str(no_txt), **SINGLE))
-
-
-def test_streamed_text_documents_match_a_whole_file_split(tmp_path):
-    import re
-
-    text = ("\n \t\r\nfirst doc\r\nstill first  \r\n\r\n\r\n  second\tdoc \n \n\nthird ü\n"
-            "\n\n\n" + "\n\n".join(documents(30)) + "\n  \n")
-    path = tmp_path / "tricky.txt"
-    path.write_bytes(text.encode("utf-8"))
-    # Reference: the whole file read at once (universal newlines), split at blank lines.
-    whole = path.read_text(encoding="utf-8")
-    reference = [d.strip() for d in re.split(r"\n[ \t\r]*\n", whole) if d.strip()]
-    seen = []
-    assert list(corpus_lib.iter_documents(path, progress=seen.append)) == reference
-    assert reference[:3] == ["first doc\nstill first", "second\tdoc", "third ü"]
-    assert sum(seen) == path.stat().st_size  # progress accounts for every byte
-
-
-def test_bad_files_are_named_in_one_line(tmp_path):
-    cases = []
-    png = tmp_path / "image.txt"
-    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
-    cases.append((png, r"image.txt' is not UTF-8 text"))
-    jl = tmp_path / "bad.jsonl"
-    jl.write_bytes(b'{"text": "ok"}\n{"text": "fine"}\n{"text": "\xff\xfe"}\n')
-    cases.append((jl, r"bad.jsonl' is not UTF-8 text \(line 3"))
-    folder = tmp_path / "folder"
-    folder.mkdir()
-    (folder / "a.txt").write_text("fine text", encoding="utf-8")
-    (folder / "b.txt").write_bytes(np.random.default_rng(0).bytes(300))
-    cases.append((folder, r"b.txt' is not UTF-8 text"))
-    garbage = tmp_path / "garbage.npy"
-    garbage.write_bytes(np.random.default_rng(1).bytes(300))
-    cases.append((garbage, r"garbage.npy' is not a NumPy .npy file"))
-    objects = tmp_path / "objects.npy"
-    np.save(objects, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-    cases.append((objects, r"objects.npy' holds Python objects"))
-    truncated = tmp_path / "truncated.npy"
-    np.save(truncated, np.arange(1000, dtype=np.int32))
-    truncated.write_bytes(truncated.read_bytes()[:-100])
-    cases.append((truncated, r"truncated.npy' is not a readable .npy file"))
-    parquet = tmp_path / "fake.parquet"
-    parquet.write_text("not parquet", encoding="utf-8")
-    cases.append((parquet, r"fake.parquet' is not a readable Parquet file"))
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    other_column = tmp_path / "body.parquet"
-    pq.write_table(pa.table({"body": ["a document"]}), other_column)
-    cases.append((other_column, r"body.parquet' has no column 'text' \(columns: body\)"))
-    for path, message in cases:
-        with pytest.raises(UserError, match=message) as info:
-            build_data(DataConfig(source=str(path), **SINGLE))
-        assert "\n" not in str(info.value) and "allow_pickle" not in str(info.value)
-    assert corpus_lib.load_documents(other_column, text_field="body") == ["a document"]
 
 
 def test_empty_validation_split_fails_before_training(text_file, tmp_path):
