@@ -1,53 +1,33 @@
-"""Tests of the trainer's data pipeline (train/corpus.py, train/data.py)."""
+"""Tests of the trainer's data pipeline in memory (split, windows, data).
+
+Reading files: test_corpus.py; the default corpus: test_default_corpus.py; tokenizers:
+test_tokenizers.py; prepared corpora: test_prepare.py; the trainer CLI: test_data_cli.py.
+"""
 
 from __future__ import annotations
 
-import bz2
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 
-from train import corpus as corpus_lib
+from tests._corpus import documents
 from train import data as data_lib
-from train.corpus import clean_wikitext
-from train.data import (
-    ByteTokenizer,
-    DataConfig,
-    build_data,
-    encode_documents,
-    get_tokenizer,
-    num_windows,
-    split_documents,
-    val_batches,
-    window,
-)
+from train.data import DataConfig, build_data
+from train.errors import UserError
+from train.split import encode_documents, split_documents
+from train.tokenizers import ByteTokenizer
+from train.windows import num_windows, val_batches, window
 
 # A single process unless a test says otherwise; avoids touching jax in most tests.
 SINGLE = dict(shard_index=0, shard_count=1)
-
-WORDS = (
-    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
-    "rho sigma tau upsilon phi chi psi omega"
-).split()
-
-
-def _documents(n: int, seed: int = 0) -> list[str]:
-    """n distinct, deterministic documents of 40-120 words (with some non-ASCII)."""
-    rng = np.random.default_rng(seed)
-    docs = []
-    for i in range(n):
-        words = rng.choice(WORDS, size=int(rng.integers(40, 120)))
-        docs.append(f"Document {i} café naïve. " + " ".join(words) + ".")
-    return docs
 
 
 @pytest.fixture
 def text_file(tmp_path):
     path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(_documents(40)) + "\n", encoding="utf-8")
+    path.write_text("\n\n".join(documents(40)) + "\n", encoding="utf-8")
     return path
 
 
@@ -56,158 +36,12 @@ def _batches_equal(a: dict, b: dict) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# Wiki markup cleaner and dump parser
-# --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "wikitext, expected",
-    [
-        ("'''Anarchism''' is a [[political philosophy]].",
-         "Anarchism is a political philosophy."),
-        ("See [[Pierre-Joseph Proudhon|Proudhon]] and [[anarchy|]].",
-         "See Proudhon and anarchy."),
-        ("A {{citation needed|date={{CURRENTYEAR}}}} claim.{{Infobox\n| a = b\n|}}",
-         "A claim."),
-        ("Before\n{| class=\"wikitable\"\n|-\n| cell {{x}} || [[y]]\n|}\nAfter",
-         "Before\nAfter"),
-        ("[[File:A.jpg|thumb|A caption with [[link]] and [note] text.]]Text "
-         "[[Image:B.png|left]][[Category:Philosophy]][[de:Anarchismus]]here.",
-         "Text here."),
-        ("Visit [http://example.com the site] or [https://x.org].", "Visit the site or."),
-        ("Claim.<ref name=\"a\">{{cite book|title=X}}</ref> More<ref name=b /> text.",
-         "Claim. More text."),
-        ("== History ==\nThe ''early'' period<!-- hidden -->.\n=== Sub ===\n* item one\n# item two",
-         "History\nThe early period.\nSub\nitem one\nitem two"),
-        ("x&nbsp;&lt;&nbsp;y &amp; <small>small</small> E=mc<sup>2</sup><br />end",
-         "x < y & small E=mc2end"),
-        ("Label of [http://a.b/c talk at [[University of X|UX]], 1962] kept.",
-         "Label of talk at UX, 1962 kept."),
-        ("Greek ({{lang-grc|ἀναρχία}}) word", "Greek word"),
-        ("{{unclosed template\nBody   text\t here.", "unclosed template\nBody text here."),
-        ("__NOTOC__\n{{Main|X}}\n\n\nPara one.\n----\nPara two.", "Para one.\nPara two."),
-    ],
-)
-def test_clean_wikitext(wikitext, expected):
-    assert clean_wikitext(wikitext) == expected
-
-
-def _write_dump(path, pages, namespace="http://www.mediawiki.org/xml/export-0.11/"):
-    """A minimal MediaWiki dump; pages = [(title, ns, text, is_redirect)]."""
-    from xml.sax.saxutils import escape
-
-    body = []
-    for title, ns, text, redirect in pages:
-        body.append(
-            f"<page><title>{escape(title)}</title><ns>{ns}</ns><id>1</id>"
-            + ('<redirect title="X" />' if redirect else "")
-            + f'<revision><id>2</id><text xml:space="preserve">{escape(text)}</text>'
-            + "</revision></page>"
-        )
-    xml = f'<mediawiki xmlns="{namespace}" version="0.11"><siteinfo/>{"".join(body)}</mediawiki>'
-    with bz2.open(path, "wt", encoding="utf-8") as f:
-        f.write(xml)
-
-
-def test_wiki_dump_parsing_skips_redirects_and_other_namespaces(tmp_path):
-    path = tmp_path / "dump.xml.bz2"
-    article = "'''Foo''' is a [[bar|thing]] with <ref>x</ref> words. " * 10
-    _write_dump(path, [
-        ("Foo", 0, article, False),
-        ("Redirected", 0, "#REDIRECT [[Foo]]", True),
-        ("Redirect without tag", 0, "#redirect [[Foo]]", False),
-        ("Wikipedia:Policy", 4, article, False),
-        ("Stub", 0, "Tiny.", False),
-    ])
-    titles = [t for t, _ in corpus_lib.iter_wiki_articles(path)]
-    assert titles == ["Foo", "Stub"]
-    corpus = corpus_lib.load_wiki_corpus(path, min_chars=50)
-    assert len(corpus.documents) == 1  # the stub is dropped
-    assert corpus.documents[0].startswith("Foo\nFoo is a thing with words. Foo is a thing")
-
-
-def test_default_corpus_is_clean_english_wikipedia():
-    corpus = corpus_lib.load_default_corpus()
-    if corpus_lib.find_enwiki_sample() is None:
-        pytest.skip("gensim is not installed: the default corpus is the pydoc fallback")
-    assert "enwiki" in corpus.name
-    assert len(corpus.documents) > 100
-    text = "\n".join(corpus.documents)
-    for markup in ("[[", "]]", "{{", "}}", "<ref", "{|", "'''"):
-        assert markup not in text, markup
-    assert corpus.documents[0].startswith("Anarchism\nAnarchism is a political philosophy")
-    assert text.count(" the ") > 10_000  # English prose
-    assert "gensim" not in sys.modules  # located as a data file, never imported
-
-
-def test_fallback_corpus_without_gensim(monkeypatch):
-    monkeypatch.setattr(corpus_lib, "find_enwiki_sample", lambda: None)
-    corpus = corpus_lib.load_default_corpus()
-    assert "pydoc" in corpus.name
-    assert len(corpus.documents) > 50
-    assert all(d.strip() for d in corpus.documents)
-
-
-# --------------------------------------------------------------------------------------
-# Tokenizers
-# --------------------------------------------------------------------------------------
-
-
-def test_byte_tokenizer_round_trip():
-    tok = get_tokenizer("byte")
-    assert isinstance(tok, ByteTokenizer) and isinstance(tok, data_lib.Tokenizer)
-    assert tok.vocab_size == 257 and tok.eos_id == 256
-    text = "Héllo, wörld — ναί 日本 🙂"
-    ids = tok.encode(text)
-    assert ids.dtype == np.int32
-    assert len(ids) == len(text.encode("utf-8"))
-    assert ids.max() < 256
-    assert tok.decode(ids) == text
-    assert tok.decode(np.append(ids, tok.eos_id)) == text  # EOS is skipped
-    assert tok.token_bytes.shape == (257,) and tok.token_bytes[256] == 0
-    assert tok.token_bytes[:256].tolist() == [1] * 256
-
-
-def test_get_tokenizer_errors():
-    with pytest.raises(ValueError, match="Unknown tokenizer 'wordpiece'"):
-        get_tokenizer("wordpiece")
-    with pytest.raises(ValueError, match="vocab_size"):
-        get_tokenizer("byte", vocab_size=1000)
-    with pytest.raises(ValueError, match="Unknown tokenizer"):
-        DataConfig(tokenizer="nope")
-
-
-def test_sentencepiece_missing_gives_install_hint(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # makes the import fail
-    with pytest.raises(ImportError, match=r"pip install 'llr-optax\[sentencepiece\]'"):
-        get_tokenizer("sentencepiece", documents=["some text"], vocab_size=400)
-
-
-def test_sentencepiece_trains_caches_and_round_trips(tmp_path):
-    pytest.importorskip("sentencepiece")
-    docs = _documents(60)
-    tok = get_tokenizer("sentencepiece", documents=docs, vocab_size=400, cache_dir=tmp_path)
-    cached = sorted(tmp_path.glob("*.model"))
-    assert len(cached) == 1
-    assert 300 <= tok.vocab_size <= 400
-    text = "Document 7 café naïve. gamma delta Ωmega"
-    assert tok.decode(tok.encode(text)) == text
-    # Same corpus and size: loaded from the cache, no second model.
-    tok2 = get_tokenizer("sentencepiece", documents=docs, vocab_size=400, cache_dir=tmp_path)
-    assert tok2.model_path == tok.model_path
-    assert np.array_equal(tok2.encode(text), tok.encode(text))
-    # token_bytes sums to the UTF-8 size, up to the dummy-prefix space.
-    n = int(tok.token_bytes[tok.encode(text)].sum())
-    assert n - len(text.encode("utf-8")) in (0, 1)
-
-
-# --------------------------------------------------------------------------------------
 # Split, encode, pack
 # --------------------------------------------------------------------------------------
 
 
 def test_split_by_document_is_disjoint_and_deterministic():
-    docs = _documents(100)
+    docs = documents(100)
     train, val = split_documents(docs, 0.1, seed=0)
     assert len(val) == 10 and len(train) == 90
     assert set(train).isdisjoint(val) and set(train) | set(val) == set(docs)
@@ -401,7 +235,7 @@ def test_build_data_val_split_and_bytes(text_file):
     assert len(batches) == data.num_val_batches
     assert sum(b["mask"].sum() for b in batches) == data.num_val_targets
     # The val stream is the val documents, each + EOS; bytes exclude EOS and the first.
-    _, val_docs = split_documents(_documents(40), 0.1, seed=0)
+    _, val_docs = split_documents(documents(40), 0.1, seed=0)
     assert np.array_equal(data.val_tokens, encode_documents(val_docs, ByteTokenizer()))
     assert data.val_bytes == sum(len(d.encode()) for d in val_docs) - 1
     assert data.bits_per_byte(math.log(2) * data.val_bytes) == pytest.approx(1.0)
@@ -424,29 +258,9 @@ def test_build_data_default_corpus():
 # --------------------------------------------------------------------------------------
 
 
-def test_load_txt_jsonl_and_directory(tmp_path):
-    txt = tmp_path / "a.txt"
-    txt.write_text("first doc\nstill first\n\n  \n\nsecond doc\n", encoding="utf-8")
-    assert corpus_lib.load_documents(txt) == ["first doc\nstill first", "second doc"]
-
-    jl = tmp_path / "a.jsonl"
-    jl.write_text(json.dumps({"body": "one"}) + "\n\n" + json.dumps({"body": "twö"}) + "\n",
-                  encoding="utf-8")
-    assert corpus_lib.load_documents(jl, text_field="body") == ["one", "twö"]
-    with pytest.raises(ValueError, match="'text' field"):
-        corpus_lib.load_documents(jl)
-
-    d = tmp_path / "docs"
-    (d / "sub").mkdir(parents=True)
-    (d / "b.txt").write_text("doc b\n\nsame doc b", encoding="utf-8")
-    (d / "sub" / "a.txt").write_text("doc a", encoding="utf-8")
-    (d / "ignored.md").write_text("nope", encoding="utf-8")
-    assert corpus_lib.load_documents(d) == ["doc b\n\nsame doc b", "doc a"]
-
-
 def test_build_data_from_jsonl(tmp_path):
     jl = tmp_path / "data.jsonl"
-    jl.write_text("".join(json.dumps({"text": d}) + "\n" for d in _documents(20)),
+    jl.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(20)),
                   encoding="utf-8")
     # Shards default to jax.process_index() / jax.process_count().
     data = build_data(DataConfig(source=str(jl), seq_len=16, batch_size=2))
@@ -501,3 +315,29 @@ def test_user_data_errors(tmp_path, text_file):
     no_txt.mkdir()
     with pytest.raises(ValueError, match=r"No \*\.txt files"):
         build_data(DataConfig(source=str(no_txt), **SINGLE))
+
+
+def test_empty_validation_split_fails_before_training(text_file, tmp_path):
+    with pytest.raises(UserError, match=r"validation split \(--val-fraction 0.0\) of .* is empty"):
+        build_data(DataConfig(source=str(text_file), val_fraction=0.0, **SINGLE))
+    np.save(tmp_path / "ids.npy", np.arange(100, dtype=np.int32))
+    with pytest.raises(UserError, match="is empty"):
+        build_data(DataConfig(source=str(tmp_path / "ids.npy"), val_fraction=0.0, seq_len=8,
+                              **SINGLE))
+
+
+def test_streaming_split_rule():
+    from train.split import is_validation_document
+
+    docs = [f"doc {i}" for i in range(20_000)]
+    val = [d for d in docs if is_validation_document(d, 0.1)]
+    # Binomial(20000, 0.1): standard deviation 0.0021; 0.01 is almost 5 of them.
+    assert abs(len(val) / len(docs) - 0.1) < 0.01
+    assert val == [d for d in docs if is_validation_document(d, 0.1)]  # deterministic
+    assert set(val) != {d for d in docs if is_validation_document(d, 0.1, seed=1)}
+    assert not any(is_validation_document(d, 0.0) for d in docs[:1000])
+    # Both split rules take the documents of smallest hash: the exact-count split of the
+    # first 2000 documents and the threshold rule are nested sets.
+    _, exact = split_documents(docs[:2000], 0.1)
+    streamed = {d for d in docs[:2000] if is_validation_document(d, 0.1)}
+    assert set(exact) <= streamed or streamed <= set(exact)

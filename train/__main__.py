@@ -28,11 +28,17 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--clip", "clip", float, "global gradient-norm clip (0: off)"),
     ("--b1", "b1", float, "Adam beta1 / momentum"),
     ("--b2", "b2", float, "Adam beta2"),
-    ("--data", "data", str, "'default' (offline corpus) or a .txt/.jsonl/.npy file or "
-                            "a directory of .txt files"),
-    ("--tokenizer", "tokenizer", str, "byte or sentencepiece"),
-    ("--vocab-size", "vocab_size", int, "sentencepiece vocabulary size"),
-    ("--val-fraction", "val_fraction", float, "fraction of documents for validation"),
+    ("--data", "data", str, "'default' (offline corpus), a corpus prepared by python -m "
+                            "train.prepare, or a .txt/.jsonl/.parquet/.npy file or a "
+                            "directory of them"),
+    ("--tokenizer", "tokenizer", str, "byte or sentencepiece (trained on the training split)"),
+    ("--tokenizer-model", "tokenizer_model", str, "a pretrained SentencePiece .model or "
+                                                  "Hugging Face tokenizer.json"),
+    ("--vocab-size", "vocab_size", int, "sentencepiece vocabulary size; with "
+                                        "--tokenizer-model or a prepared corpus, the model's "
+                                        "vocabulary (>= the tokenizer's: padding)"),
+    ("--val-fraction", "val_fraction", float, "fraction of documents for validation (a "
+                                              "prepared corpus keeps its own split)"),
     ("--eval-every", "eval_every", int, "evaluate every N steps (and at the end)"),
     ("--eval-batches", "eval_batches", int, "validation batches per eval (default: all)"),
     ("--val-batch-size", "val_batch_size", int, "validation batch size"),

@@ -34,9 +34,11 @@ ADAMW_ONLY_METHODS = STANDALONE_METHODS + ("alpha_decay",)
 MODEL_PRESETS = ("tiny", "20m", "60m", "130m", "350m", "1b")
 
 # Fields that do not change the trajectory: they may differ when resuming.
+# tokenizer_model may move: the data fingerprint stored with every checkpoint checks the
+# tokenizer file's content (train/fingerprint.py).
 RESUMABLE_FIELDS = frozenset(
     {"out_dir", "log_every", "eval_every", "eval_batches", "val_batch_size",
-     "checkpoint_every", "keep_checkpoints", "progress", "mesh"}
+     "checkpoint_every", "keep_checkpoints", "progress", "mesh", "tokenizer_model"}
 )
 
 
@@ -64,8 +66,11 @@ class TrainConfig:
       eval_batches: Validation batches per evaluation; ``None`` = the whole split.
       val_batch_size: Validation batch size; ``None`` = ``batch_size``.
       seed: Model-init and data-shuffle seed.
-      data: ``"default"`` (offline corpus) or a path, see ``train.data.DataConfig``.
-      tokenizer: ``"byte"`` or ``"sentencepiece"``.
+      data: ``"default"`` (offline corpus), a prepared corpus directory
+        (``python -m train.prepare``) or a path, see ``train.data.DataConfig``.
+      tokenizer: ``"byte"`` or ``"sentencepiece"`` (trained on the training split).
+      tokenizer_model: A pretrained tokenizer file (SentencePiece ``.model`` or Hugging
+        Face ``tokenizer.json``) instead of ``tokenizer``; ``None``: none.
       vocab_size: SentencePiece vocabulary size (``None``: tokenizer default).
       val_fraction: Fraction of documents held out for validation.
       out_dir: Where metrics, checkpoints and the config go.
@@ -108,6 +113,7 @@ class TrainConfig:
     seed: int = 0
     data: str = "default"
     tokenizer: str = "byte"
+    tokenizer_model: str | None = None
     vocab_size: int | None = None
     val_fraction: float = 0.05
     out_dir: str = "runs/default"
@@ -160,6 +166,8 @@ class TrainConfig:
             if not isinstance(value, (int, float, str, bool)):
                 raise ValueError(
                     f"model_overrides[{key!r}] must be a JSON scalar, got {value!r}")
+        if self.tokenizer_model is not None and not isinstance(self.tokenizer_model, str):
+            raise ValueError(f"tokenizer_model must be a path, got {self.tokenizer_model!r}")
         if not isinstance(self.mesh, str):
             raise ValueError(f"mesh must be a string like 'data=2,fsdp=4', got {self.mesh!r}")
         parse_mesh(self.mesh)

@@ -1,63 +1,54 @@
-"""Text sources for the trainer: the offline default corpus and user-supplied files.
-
-The default corpus is the English Wikipedia sample that the ``gensim`` wheel ships as
-test data (a shortened ``pages-articles`` dump, 1.7 MB bz2). We only read that file
-as data -- gensim is never imported, because importing it pulls in scipy and takes
-seconds. The MediaWiki XML is parsed with the standard library and the wiki markup
-is stripped by :func:`clean_wikitext`, a small regex/token-scanner based cleaner.
-
-When gensim is not installed, the fallback is the Python standard library's own
-documentation topics (``pydoc_data.topics.topics``), which every CPython ships.
-
-User data (:func:`load_documents`, :func:`load_token_stream`):
+"""User data for the trainer: text files read as documents, or token-id files.
 
 * ``*.txt`` (or ``.text``/``.md``) file: documents separated by blank lines;
-* a directory: every ``*.txt`` file below it (sorted) is one document;
-* ``*.jsonl`` file: one JSON object per line, the document is field ``text_field``;
+* ``*.jsonl`` (``.ndjson``) file: one JSON object per line, the document is field
+  ``text_field``;
+* ``*.parquet`` file: the document is column ``text_field`` of each row (needs the
+  optional ``pyarrow``);
+* a directory: every ``*.txt`` file below it is one document, every ``.jsonl`` and
+  ``.parquet`` file below it contributes its records (files in sorted path order);
 * ``*.npy`` file: a 1-D array of token ids (already tokenised; no tokenizer).
+
+Documents are streamed (:func:`iter_documents`), so ``python -m train.prepare`` can
+tokenise a corpus larger than memory; only a single document (one ``.txt`` paragraph,
+record or file of a directory) has to fit. Files that are not what their name says
+(binary data in a ``.txt``, a ``.npy`` that is not an array of ids) raise a
+:class:`~train.errors.UserError` naming the file.
 """
 
 from __future__ import annotations
 
-import bz2
 import dataclasses
-import html
-import importlib.metadata
+import io
 import json
 import os
-import re
-import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from train.errors import UserError
+
 __all__ = [
     "Corpus",
-    "ENWIKI_SAMPLE",
+    "JSONL_SUFFIXES",
+    "NPY_SUFFIXES",
+    "PARQUET_SUFFIXES",
     "TEXT_SUFFIXES",
-    "clean_wikitext",
-    "find_enwiki_sample",
-    "iter_wiki_articles",
-    "load_default_corpus",
+    "iter_documents",
     "load_documents",
-    "load_pydoc_topics",
     "load_token_stream",
-    "load_wiki_corpus",
+    "source_files",
 ]
 
-# Path of the Wikipedia sample inside the gensim distribution.
-ENWIKI_SAMPLE = (
-    "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-)
 # Suffixes read as plain text (documents separated by blank lines).
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
 NPY_SUFFIXES = (".npy",)
-
-# Documents shorter than this (in characters, after cleaning) are stubs or
-# disambiguation leftovers that carry little text; dropping them is harmless.
-DEFAULT_MIN_DOC_CHARS = 200
+_NPY_MAGIC = b"\x93NUMPY"
+# Called with the number of source bytes consumed since the last call (progress bars).
+Progress = Callable[[int], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,378 +70,229 @@ class Corpus:
         return sum(len(d.encode("utf-8")) for d in self.documents)
 
 
-# --------------------------------------------------------------------------------------
-# Wiki markup cleaner
-# --------------------------------------------------------------------------------------
-
-_COMMENT_RE = re.compile(r"<!--.*?(?:-->|\Z)", re.DOTALL)
-# Tags whose *content* is not prose (footnotes, formulas, galleries, ...): drop it all.
-_DROP_CONTENT_TAGS = "ref|math|chem|gallery|timeline|imagemap|score|graph|mapframe|templatedata"
-_SELF_CLOSING_DROP_RE = re.compile(rf"<(?:{_DROP_CONTENT_TAGS})\b[^<>]*/\s*>", re.IGNORECASE)
-_PAIRED_DROP_RE = re.compile(
-    rf"<({_DROP_CONTENT_TAGS})\b[^<>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL
-)
-# Any other tag (<br/>, <small>, <sup>, <nowiki>, <blockquote>, ...): keep its content.
-# Requiring a letter after '<' keeps prose such as "x < y" intact.
-_TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9]*\b[^<>]*>")
-# Template and table delimiters. Tables only open/close at the start of a line, which
-# also stops "{{foo|}}" from being read as a table end.
-# "|}}" at a line start closes a template whose last parameter is empty, not a table.
-_BRACE_TOKEN_RE = re.compile(r"\{\{|\}\}|^[ \t]*\{\||^[ \t]*\|\}(?!\})", re.MULTILINE)
-# An innermost internal link: no "[[" or "]]" inside, but single brackets are allowed
-# (image captions such as "the character [and] greatness" or "Bicyclo[1.1.0]butane").
-_LINK_RE = re.compile(r"\[\[((?:[^\[\]]|\[(?!\[)|\](?!\]))*)\]\]")
-_DROP_LINK_NAMESPACES = frozenset({"file", "image", "category", "media"})
-# Interlanguage links such as [[de:Anarchismus]] or [[zh-yue:...]].
-_LANG_PREFIX_RE = re.compile(r"^[a-z]{2,3}(?:-[a-z]{2,8})*$")
-# An external link; its label may itself contain internal links ("[[a|b]]").
-_EXTERNAL_LINK_RE = re.compile(
-    r"\[(?:(?:https?|ftp)://|//)[^\s\]]*(?:\s+((?:\[\[[^\[\]]*\]\]|[^\]])*))?\]"
-)
-_EMPHASIS_RE = re.compile(r"'{2,}")
-_HEADING_RE = re.compile(r"^[ \t]*(={1,6})[ \t]*(.*?)[ \t]*\1[ \t]*$", re.MULTILINE)
-_LIST_MARKER_RE = re.compile(r"^[ \t]*[*#:;]+[ \t]*", re.MULTILINE)
-_MAGIC_WORD_RE = re.compile(r"__[A-Z]+__")
-_HRULE_RE = re.compile(r"^-{4,}[ \t]*$", re.MULTILINE)
-_EMPTY_PARENS_RE = re.compile(r"\([\s,;:]*\)")
-_SPACE_BEFORE_PUNCT_RE = re.compile(r"[ \t]+([,.;:!?])")
-_SPACES_RE = re.compile(r"[^\S\n]+")  # whitespace other than newlines (incl. nbsp)
-_BLANK_LINES_RE = re.compile(r"\n{2,}")
-
-
-def _remove_templates_and_tables(text: str) -> str:
-    """Removes ``{{...}}`` templates and ``{|...|}`` tables, including nested ones.
-
-    A regex cannot match balanced nesting, so we scan only the delimiter tokens and
-    keep a depth counter (templates and tables share it: they nest inside each other
-    in both directions). Text is kept only at depth 0. An unmatched closer at depth 0
-    is dropped; an opener that is never closed is dropped alone (rather than eating
-    the rest of the article).
-
-    Args:
-      text: Wikitext.
-
-    Returns:
-      The text without templates and tables.
-    """
-    pieces: list[str] = []
-    depth = 0
-    kept_until = 0  # end of the last emitted (or skipped) span
-    open_starts: list[int] = []  # start offsets of currently open constructs
-    for m in _BRACE_TOKEN_RE.finditer(text):
-        token = m.group().strip()
-        if token in ("{{", "{|"):
-            if depth == 0:
-                pieces.append(text[kept_until : m.start()])
-            open_starts.append(m.end())
-            depth += 1
-        else:  # "}}" or "|}"
-            if depth == 0:
-                pieces.append(text[kept_until : m.start()])
-            else:
-                depth -= 1
-                open_starts.pop()
-            kept_until = m.end()
-    if depth == 0:
-        pieces.append(text[kept_until:])
-    else:
-        # Unclosed construct: drop only its opener and clean what follows it.
-        pieces.append(_remove_templates_and_tables(text[open_starts[0] :]))
-    return "".join(pieces)
-
-
-def _replace_link(match: re.Match) -> str:
-    """Replacement for one innermost ``[[...]]`` link: its label, or nothing."""
-    parts = match.group(1).split("|")
-    target = parts[0].strip()
-    if ":" in target:
-        prefix = target.split(":", 1)[0].strip().lower()
-        if prefix in _DROP_LINK_NAMESPACES:
-            return ""
-        if len(parts) == 1 and _LANG_PREFIX_RE.match(prefix):
-            return ""  # interlanguage link: not part of the prose
-    label = parts[-1].strip() if len(parts) > 1 else ""
-    # "[[a|]]" (pipe trick) and "[[a]]" both display the target.
-    return label or target.lstrip(":")
-
-
-def _replace_links(text: str) -> str:
-    """Resolves internal links innermost-first (captions of images contain links)."""
-    while True:
-        new = _LINK_RE.sub(_replace_link, text)
-        if new == text:
-            return new
-        text = new
-
-
-def clean_wikitext(text: str) -> str:
-    """Converts MediaWiki markup into plain prose.
-
-    Removes comments, ``<ref>`` footnotes (and other non-prose tags such as
-    ``<math>``), templates ``{{...}}`` (nested), tables ``{|...|}``, file/image/
-    category links and interlanguage links; replaces ``[[target|label]]`` by
-    ``label``, ``[[target]]`` by ``target`` and ``[http://x label]`` by ``label``;
-    strips other HTML tags, ``'''bold'''``/``''italic''`` quotes, heading ``=``
-    signs and list markers; unescapes HTML entities; collapses whitespace.
-
-    The result has one paragraph (or heading, or list item) per line.
-
-    Args:
-      text: Wikitext as found in a ``<text>`` element of a dump (XML already decoded).
-
-    Returns:
-      Plain text; empty if nothing but markup was present.
-    """
-    text = _COMMENT_RE.sub("", text)
-    text = _SELF_CLOSING_DROP_RE.sub("", text)
-    text = _PAIRED_DROP_RE.sub("", text)
-    text = _remove_templates_and_tables(text)
-    # External links first: they may sit inside image captions, and their closing
-    # "]" must not be mistaken for part of a "]]".
-    text = _EXTERNAL_LINK_RE.sub(lambda m: m.group(1) or "", text)
-    text = _replace_links(text)
-    text = _TAG_RE.sub("", text)
-    # Entities are unescaped only after tags are gone, so "&lt;b&gt;" stays literal text.
-    text = html.unescape(text)
-    text = _EMPHASIS_RE.sub("", text)
-    text = _HEADING_RE.sub(r"\2", text)
-    text = _HRULE_RE.sub("", text)
-    text = _LIST_MARKER_RE.sub("", text)
-    text = _MAGIC_WORD_RE.sub("", text)
-    # Removing templates such as {{lang|..}} leaves "( )" and " ," behind.
-    text = _EMPTY_PARENS_RE.sub("", text)
-    text = _SPACES_RE.sub(" ", text)
-    text = _SPACE_BEFORE_PUNCT_RE.sub(r"\1", text)
-    lines = (line.strip() for line in text.split("\n"))
-    return "\n".join(line for line in lines if line)
-
-
-# --------------------------------------------------------------------------------------
-# MediaWiki XML dump
-# --------------------------------------------------------------------------------------
-
-
-def _local(tag: str) -> str:
-    """Tag name without its XML namespace (dumps change namespace per version)."""
-    return tag.rsplit("}", 1)[-1]
-
-
-def iter_wiki_articles(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
-    """Yields ``(title, raw wikitext)`` of each article page of a MediaWiki dump.
-
-    Redirects and pages outside the main namespace (``ns != 0``: talk, user,
-    project pages, ...) are skipped. The parse is streaming (``iterparse``) and
-    namespace-agnostic; ``.bz2`` files are decompressed on the fly.
-
-    Args:
-      path: A ``pages-articles`` XML dump, optionally bz2-compressed.
-
-    Yields:
-      ``(title, wikitext)`` pairs in dump order.
-    """
-    opener = bz2.open if str(path).endswith(".bz2") else open
-    with opener(path, "rb") as f:
-        for _, elem in ET.iterparse(f, events=("end",)):
-            if _local(elem.tag) != "page":
-                continue
-            title, ns, text, redirect = "", "0", "", False
-            for child in elem.iter():
-                name = _local(child.tag)
-                if name == "title":
-                    title = child.text or ""
-                elif name == "ns":
-                    ns = (child.text or "").strip()
-                elif name == "redirect":
-                    redirect = True
-                elif name == "text":
-                    text = child.text or ""
-            # Free the page subtree: keeps memory flat on large dumps.
-            elem.clear()
-            if redirect or ns != "0" or text.lstrip()[:9].upper() == "#REDIRECT":
-                continue
-            yield title, text
-
-
-def load_wiki_corpus(
-    path: str | os.PathLike,
-    *,
-    min_chars: int = DEFAULT_MIN_DOC_CHARS,
-    name: str | None = None,
-) -> Corpus:
-    """Reads a MediaWiki dump into a corpus of cleaned articles.
-
-    Args:
-      path: The dump (``.xml`` or ``.xml.bz2``).
-      min_chars: Articles shorter than this after cleaning are dropped.
-      name: Corpus name; defaults to the file name.
-
-    Returns:
-      One document per article, title first, in dump order.
-    """
-    docs = []
-    for title, wikitext in iter_wiki_articles(path):
-        body = clean_wikitext(wikitext)
-        if len(body) >= min_chars:
-            # The title is the article's subject; without it the text often starts
-            # mid-thought ("is a political philosophy ...").
-            docs.append(f"{title}\n{body}")
-    return Corpus(name=name or Path(path).name, documents=docs)
-
-
-def find_enwiki_sample() -> Path | None:
-    """Locates the Wikipedia sample inside an installed gensim, without importing it.
-
-    Returns:
-      The path of the ``.bz2`` dump, or ``None`` when gensim (or the file) is absent.
-    """
-    try:
-        dist = importlib.metadata.distribution("gensim")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    candidates = [Path(str(dist.locate_file(ENWIKI_SAMPLE)))]
-    # RECORD-based lookup too, in case the install layout differs (e.g. a wheel
-    # unpacked somewhere else than site-packages).
-    for f in dist.files or ():
-        if str(f).replace("\\", "/").endswith(ENWIKI_SAMPLE.rsplit("/", 1)[-1]):
-            candidates.append(Path(str(dist.locate_file(f))))
-    for p in candidates:
-        if p.is_file():
-            return p
-    return None
-
-
-def load_pydoc_topics() -> Corpus:
-    """The fallback corpus: CPython's own help topics, one document per topic."""
-    from pydoc_data.topics import topics  # standard library, always present
-
-    docs = [topics[k].strip() for k in sorted(topics)]
-    return Corpus(name="pydoc_data.topics (Python standard library help topics)",
-                  documents=[d for d in docs if d])
-
-
-def load_default_corpus(*, min_chars: int = DEFAULT_MIN_DOC_CHARS) -> Corpus:
-    """The offline default corpus: gensim's enwiki sample, else pydoc topics.
-
-    Args:
-      min_chars: Minimum cleaned article length for the Wikipedia corpus.
-
-    Returns:
-      The corpus; ``corpus.name`` says which one was used.
-    """
-    path = find_enwiki_sample()
-    if path is None:
-        return load_pydoc_topics()
-    return load_wiki_corpus(
-        path, min_chars=min_chars, name=f"enwiki sample from gensim test data ({path.name})"
-    )
-
-
-# --------------------------------------------------------------------------------------
-# User data
-# --------------------------------------------------------------------------------------
-
-_PARAGRAPH_SPLIT_RE = re.compile(r"\n[ \t\r]*\n")
-
-
 def _check_exists(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"Data source not found: {str(path)!r}")
 
 
-def _split_text_file(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
-    return [d.strip() for d in _PARAGRAPH_SPLIT_RE.split(text) if d.strip()]
+def _not_text(path: Path, reason: str) -> UserError:
+    return UserError(f"{str(path)!r} is not UTF-8 text ({reason}); is it a binary file?")
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    docs = []
-    with path.open(encoding="utf-8") as f:
+def _checked(path: Path, doc: str) -> str:
+    if "\x00" in doc:
+        raise _not_text(path, "it contains NUL bytes")
+    return doc
+
+
+def source_files(path: str | os.PathLike) -> list[Path]:
+    """The files a text source reads, in reading order.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      UserError: An unsupported file type, a ``.npy`` file (token ids, not text), or a
+        directory without supported files.
+    """
+    path = Path(path)
+    _check_exists(path)
+    if path.is_dir():
+        kinds = (".txt",) + JSONL_SUFFIXES + PARQUET_SUFFIXES
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in kinds)
+        if not files:
+            raise UserError(f"No *.txt files found in directory {str(path)!r} (nor .jsonl, "
+                            ".parquet)")
+        return files
+    suffix = path.suffix.lower()
+    if suffix in NPY_SUFFIXES:
+        raise UserError(
+            f"{str(path)!r} holds token ids, not text: use load_token_stream() for .npy files")
+    if suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES:
+        supported = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES + NPY_SUFFIXES)
+        raise UserError(
+            f"Unsupported data file extension {path.suffix!r} for {str(path)!r}; "
+            f"expected one of: {supported}, or a directory of .txt files")
+    return [path]
+
+
+def _text_paragraphs(path: Path, progress: Progress | None) -> Iterator[str]:
+    """Blank-line separated documents of a text file, streamed line by line."""
+    with path.open("rb") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8")  # universal newlines, as read_text
+        lines: list[str] = []
+        reported = 0
+        try:
+            for line in text:
+                if line.strip(" \t\r\n"):
+                    lines.append(line)
+                    continue
+                if lines:
+                    doc = "".join(lines).strip()
+                    lines = []
+                    if doc:
+                        yield _checked(path, doc)
+                if progress is not None:
+                    progress(raw.tell() - reported)
+                    reported = raw.tell()
+        except UnicodeDecodeError as e:
+            raise _not_text(path, f"{e.reason} at a byte 0x{e.object[e.start]:02x}") from None
+        doc = "".join(lines).strip()
+        if doc:
+            yield _checked(path, doc)
+        if progress is not None:
+            progress(raw.tell() - reported)
+
+
+def _whole_text_file(path: Path, progress: Progress | None) -> Iterator[str]:
+    try:
+        doc = path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise _not_text(path, f"{e.reason} at byte {e.start}") from None
+    if progress is not None:
+        progress(path.stat().st_size)
+    if doc:
+        yield _checked(path, doc)
+
+
+def _jsonl_records(path: Path, text_field: str, progress: Progress | None) -> Iterator[str]:
+    with path.open("rb") as f:
         for lineno, line in enumerate(f, start=1):
+            if progress is not None:
+                progress(len(line))
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_text(path, f"line {lineno}: {e.reason}") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(record, dict) or text_field not in record:
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object with a {text_field!r} field"
-                )
+                raise UserError(
+                    f"{path}:{lineno}: expected a JSON object with a {text_field!r} field")
             value = record[text_field]
             if not isinstance(value, str):
-                raise ValueError(f"{path}:{lineno}: field {text_field!r} is not a string")
+                raise UserError(f"{path}:{lineno}: field {text_field!r} is not a string")
             if value.strip():
-                docs.append(value)
-    return docs
+                yield value
 
 
-def load_documents(path: str | os.PathLike, *, text_field: str = "text") -> list[str]:
-    """Loads user text as a list of documents.
+def _parquet_rows(path: Path, text_field: str, progress: Progress | None) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        raise UserError(f"Reading {str(path)!r} needs the optional package 'pyarrow', which "
+                        "is not installed: pip install 'llr-optax[parquet]'") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pylint: disable=broad-except  (pyarrow's ArrowInvalid, OSError)
+        raise UserError(f"{str(path)!r} is not a readable Parquet file ({e})") from None
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+        raise UserError(f"{str(path)!r} has no column {text_field!r} (columns: "
+                        f"{', '.join(names)}); choose one with --text-field")
+    size, rows = path.stat().st_size, max(1, parquet.metadata.num_rows)
+    done = reported = 0
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise UserError(f"{str(path)!r}: column {text_field!r} does not hold strings")
+            if value.strip():
+                yield value
+        done += batch.num_rows
+        if progress is not None:
+            progress(size * done // rows - reported)
+            reported = size * done // rows
+
+
+def iter_documents(
+    path: str | os.PathLike, *, text_field: str = "text", progress: Progress | None = None
+) -> Iterator[str]:
+    """Streams the non-empty documents of a text source, in file order.
 
     Args:
-      path: A ``.txt``/``.text``/``.md`` file (documents separated by blank lines), a
-        ``.jsonl`` file (one JSON object per line) or a directory (each ``*.txt``
-        file below it, in sorted order, is one document).
-      text_field: The JSONL field holding the document text.
+      path: A ``.txt``/``.text``/``.md``, ``.jsonl`` or ``.parquet`` file, or a
+        directory (see the module docstring).
+      text_field: The JSONL field / Parquet column holding the document text.
+      progress: Called with the number of source bytes consumed since its last call.
 
-    Returns:
-      The non-empty documents, in file order.
+    Yields:
+      Documents (strings).
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
-      ValueError: Unsupported extension (``.npy`` must go through
-        :func:`load_token_stream`), malformed JSONL, or no documents found.
+      UserError: Unsupported, malformed or non-UTF-8 data (the message names the file).
     """
-    path = Path(path)
-    _check_exists(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise ValueError(f"No *.txt files found in directory {str(path)!r}")
-        docs = [d for d in (p.read_text(encoding="utf-8").strip() for p in files) if d]
-    elif path.suffix.lower() in TEXT_SUFFIXES:
-        docs = _split_text_file(path)
-    elif path.suffix.lower() in JSONL_SUFFIXES:
-        docs = _read_jsonl(path, text_field)
-    elif path.suffix.lower() in NPY_SUFFIXES:
-        raise ValueError(
-            f"{str(path)!r} holds token ids, not text: use load_token_stream() for .npy files"
-        )
-    else:
-        supported = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES + NPY_SUFFIXES)
-        raise ValueError(
-            f"Unsupported data file extension {path.suffix!r} for {str(path)!r}; "
-            f"expected one of: {supported}, or a directory of .txt files"
-        )
+    root = Path(path)
+    for file in source_files(root):
+        suffix = file.suffix.lower()
+        if suffix in JSONL_SUFFIXES:
+            yield from _jsonl_records(file, text_field, progress)
+        elif suffix in PARQUET_SUFFIXES:
+            yield from _parquet_rows(file, text_field, progress)
+        elif root.is_dir():
+            yield from _whole_text_file(file, progress)
+        else:
+            yield from _text_paragraphs(file, progress)
+
+
+def load_documents(path: str | os.PathLike, *, text_field: str = "text") -> list[str]:
+    """All documents of a text source (see :func:`iter_documents`) as a list.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      UserError: Unsupported extension (``.npy`` must go through
+        :func:`load_token_stream`), malformed or non-UTF-8 data, or no documents.
+    """
+    docs = list(iter_documents(path, text_field=text_field))
     if not docs:
-        raise ValueError(f"No documents found in {str(path)!r} (the data is empty)")
+        raise UserError(f"No documents found in {str(path)!r} (the data is empty)")
     return docs
 
 
-def load_token_stream(path: str | os.PathLike) -> np.ndarray:
+def load_token_stream(path: str | os.PathLike, *, mmap: bool = False) -> np.ndarray:
     """Loads a pre-tokenised ``.npy`` file: a 1-D array of non-negative token ids.
 
     Args:
       path: The ``.npy`` file.
+      mmap: Map the file instead of reading it (its ids are then not range-checked,
+        which would read it all; the caller checks them chunk by chunk) and keep its
+        integer dtype.
 
     Returns:
-      The ids as ``int32``.
+      The ids as ``int32`` (or the mapped array, with ``mmap=True``).
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
-      ValueError: Wrong extension, not 1-D, not integer, negative ids, or empty.
+      UserError: Not a ``.npy`` file, not 1-D, not integer, negative ids, or empty.
     """
     path = Path(path)
     _check_exists(path)
     if path.suffix.lower() not in NPY_SUFFIXES:
-        raise ValueError(f"Expected a .npy file of token ids, got {str(path)!r}")
-    ids = np.load(path, allow_pickle=False)
+        raise UserError(f"Expected a .npy file of token ids, got {str(path)!r}")
+    with path.open("rb") as f:
+        if f.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+            raise UserError(f"{str(path)!r} is not a NumPy .npy file (no .npy header)")
+    try:
+        ids = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # an object array: not numbers at all
+            raise UserError(f"{str(path)!r} holds Python objects, not an array of token "
+                            "ids") from None
+        raise UserError(f"{str(path)!r} is not a readable .npy file ({e})") from None
+    except (OSError, EOFError) as e:
+        raise UserError(f"{str(path)!r} is not a readable .npy file ({e})") from None
     if ids.ndim != 1:
-        raise ValueError(f"{str(path)!r}: token ids must be a 1-D array, got shape {ids.shape}")
+        raise UserError(f"{str(path)!r}: token ids must be a 1-D array, got shape {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{str(path)!r}: token ids must be integers, got dtype {ids.dtype}")
+        raise UserError(f"{str(path)!r}: token ids must be integers, got dtype {ids.dtype}")
     if ids.size == 0:
-        raise ValueError(f"No tokens found in {str(path)!r} (the data is empty)")
+        raise UserError(f"No tokens found in {str(path)!r} (the data is empty)")
+    if mmap:
+        return ids
     if ids.min() < 0 or ids.max() > np.iinfo(np.int32).max:
-        raise ValueError(f"{str(path)!r}: token ids must lie in [0, 2**31)")
+        raise UserError(f"{str(path)!r}: token ids must lie in [0, 2**31)")
     return ids.astype(np.int32, copy=False)

@@ -17,7 +17,8 @@ Everything it records goes to ``out_dir``:
   - ``diverged``: ``step`` and ``loss`` when training stopped on a NaN/Inf.
 
 * ``checkpoints/<step>/``: orbax checkpoints of params + optimizer state
-  (``state``), the grain iterator position (``data``) and the config (``config``).
+  (``state``), the grain iterator position (``data``), the config (``config``) and
+  what the data is, by content (``data_fingerprint``, see :mod:`train.fingerprint`).
 * ``config.json``: the config, for people.
 
 With ``cfg.mesh`` (e.g. ``"data=2,fsdp=4"``) the same loop runs on a device mesh: the
@@ -28,7 +29,7 @@ keeps that layout (see :mod:`train.mesh`). In a multi-process job only process 0
 checkpoints.
 
 ``--resume`` restores the latest checkpoint (refusing one written under a different
-config) and continues the exact trajectory: same parameters, optimizer state, data
+config or on other data) and continues the exact trajectory: same parameters, optimizer state, data
 position and step count; metrics recorded after that checkpoint are dropped.
 """
 
@@ -51,7 +52,7 @@ from flax import nnx
 import llr_optax
 from models import LLaMa, llama_config
 from train import data as data_lib
-from train import optimizers, step
+from train import fingerprint, optimizers, step
 from train.config import TrainConfig
 from train.mesh import MeshLayout
 
@@ -89,7 +90,8 @@ class ConfigMismatchError(ValueError):
 def data_config(cfg: TrainConfig) -> data_lib.DataConfig:
     """The :class:`train.data.DataConfig` of a run."""
     return data_lib.DataConfig(
-        source=cfg.data, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
+        source=cfg.data, tokenizer=cfg.tokenizer, tokenizer_model=cfg.tokenizer_model,
+        vocab_size=cfg.vocab_size,
         seq_len=cfg.seq_len, batch_size=cfg.batch_size, val_batch_size=cfg.val_batch_size,
         val_fraction=cfg.val_fraction, seed=cfg.seed)
 
@@ -253,11 +255,28 @@ def _train_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
             "opt": nnx.to_pure_dict(nnx.state(optimizer))}
 
 
-def _save(mngr, count, model, optimizer, train_iter, cfg) -> None:
+def _save(mngr, count, model, optimizer, train_iter, cfg, data) -> None:
     mngr.save(count, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_train_state(model, optimizer)),
         data=data_lib.save_iterator_args(train_iter),
-        config=ocp.args.JsonSave(cfg.to_dict())))
+        config=ocp.args.JsonSave(cfg.to_dict()),
+        data_fingerprint=ocp.args.JsonSave(data.fingerprint)))
+
+
+def _check_saved_data(mngr, count: int, data: data_lib.Data) -> None:
+    """Refuses a checkpoint trained on other data (corpus or tokenizer, by content)."""
+    if not (Path(mngr.directory) / str(count) / "data_fingerprint").exists():
+        print(f"warning: checkpoint {count} in {mngr.directory} records no data fingerprint "
+              "(an older version wrote it): cannot check that it was trained on this data")
+        return
+    saved = mngr.restore(
+        count, args=ocp.args.Composite(data_fingerprint=ocp.args.JsonRestore())).data_fingerprint
+    change = fingerprint.data_change(saved, data.fingerprint)
+    if change is not None:
+        raise ConfigMismatchError(
+            f"Cannot resume from step {count} in {mngr.directory}: the checkpoint was "
+            f"trained on other data: {change}. Resume with the same --data and tokenizer, "
+            "or start a new run with another --out.")
 
 
 def _check_saved_config(mngr, count: int, cfg: TrainConfig) -> None:
@@ -396,6 +415,7 @@ def train(
     latest = mngr.latest_step() if resume else None
     if latest is not None:
         _check_saved_config(mngr, latest, cfg)
+        _check_saved_data(mngr, latest, data)
         _restore(mngr, latest, model, optimizer, train_iter)
         count = int(latest)
     elif resume:
@@ -464,7 +484,7 @@ def train(
                     raise DivergedError(_diverged_message(
                         f"the parameters are not finite after step {count}", cfg, last_saved,
                         ckpt_dir), count, last_saved)
-                _save(mngr, count, model, optimizer, train_iter, cfg)
+                _save(mngr, count, model, optimizer, train_iter, cfg, data)
                 last_saved = count
     finally:
         bar.close()
