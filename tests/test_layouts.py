@@ -149,7 +149,8 @@ def test_default_axes_on_maxtext_warn_once_naming_the_skipped_leaves():
     tx.init(MAXTEXT)
   assert len(record) == 1, [str(r.message) for r in record]   # one warning for all leaves
   message = str(record[0].message)
-  skipped = [("self_attention/query", "32 matrices of 2x8"), ("self_attention/key", "32 matrices of 2x8"),
+  skipped = [("self_attention/query", "32 matrices of 2x8"),
+             ("self_attention/key", "32 matrices of 2x8"),
              ("self_attention/value", "32 matrices of 2x8"), ("mlp/wi_0", "16 matrices of 2x32"),
              ("mlp/wi_1", "16 matrices of 2x32"), ("mlp/wo", "32 matrices of 2x16")]
   for path, why in skipped:
@@ -271,7 +272,8 @@ def custom_labels(params):
 
 def custom_params():
   rng = np.random.default_rng(9)
-  p = {"embed_tokens": rng.standard_normal((V, D)), "my_block": {"kernel": rng.standard_normal((D, D))},
+  p = {"embed_tokens": rng.standard_normal((V, D)),
+       "my_block": {"kernel": rng.standard_normal((D, D))},
        "q_proj": rng.standard_t(2.0, (D, D)) * 0.1, "up_proj": rng.standard_normal((D, F)) * 0.1}
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p)
 

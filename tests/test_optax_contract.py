@@ -120,7 +120,8 @@ def applied(state):
   slicing the device vector eagerly would compile one tiny kernel per slice.
   """
   (ours,) = our_states(state)
-  field = ours.decays if isinstance(ours, llr_optax.AddDecayedWeightsByAlphaHillState) else ours.scales
+  is_decay = isinstance(ours, llr_optax.AddDecayedWeightsByAlphaHillState)
+  field = ours.decays if is_decay else ours.scales
   return type(field)(np.asarray(field.values), field.layout).tree()
 
 
@@ -131,7 +132,8 @@ def apply_updates(params, updates):
 
 def assert_trees_close(got, want, rtol=1e-5, atol=1e-7, what=""):
   assert jax.tree.structure(got) == jax.tree.structure(want), what
-  paths = [llr_optax._labels.path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(got)[0]]
+  flat = jax.tree_util.tree_flatten_with_path(got)[0]
+  paths = [llr_optax._labels.path_to_str(p) for p, _ in flat]
   for path, a, b in zip(paths, jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol,
                                err_msg=f"{what} {path}")
@@ -164,8 +166,8 @@ def test_map_params_maps_only_param_shaped_leaves(base, method):
   (ours,) = our_states(mapped)
   assert all(t.kind == "non" for t in jax.tree.leaves(ours, is_leaf=lambda x: isinstance(x, Tag)))
   # The mapped state keeps the state's structure (needed to device_put with it).
-  assert jax.tree.structure(jax.tree.map(lambda t: 0, mapped, is_leaf=lambda x: isinstance(x, Tag))) \
-      == jax.tree.structure(state)
+  zeros = jax.tree.map(lambda t: 0, mapped, is_leaf=lambda x: isinstance(x, Tag))
+  assert jax.tree.structure(zeros) == jax.tree.structure(state)
 
 
 def avals(tree):
@@ -302,7 +304,8 @@ def test_init_grad_only_on_the_muon_branch_of_a_partition():
       lambda d: "muon" if d is not None else "adam",
       llr_optax.muon_dimension_numbers(params), is_leaf=lambda x: x is None or
       isinstance(x, llr_optax.MatrixAxes))
-  muon = lambda: optax.contrib.muon(0.05, muon_weight_dimension_numbers=llr_optax.muon_dimension_numbers)
+  muon = lambda: optax.contrib.muon(
+      0.05, muon_weight_dimension_numbers=llr_optax.muon_dimension_numbers)
   adam = lambda: optax.adamw(0.01)
   tx = optax.partition({"muon": optax.chain(muon(), llr_optax.scale_by_init_grad(SCALES)),
                         "adam": adam()}, hidden)
