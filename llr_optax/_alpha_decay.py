@@ -177,9 +177,9 @@ def add_decayed_weights_by_alpha_hill(
                                state.ramp_start, state.alphas.values)
     fields = _recompute.advance(
         fields, state.count, params, plan, lo=min_ratio * weight_decay,
-        hi=max_ratio * weight_decay, interval=interval, ramp_steps=ramp_steps,
-        active_steps=active_steps, spread=spread, scope=mapping_scope, estimator=estimator,
-        zero_threshold=zero_threshold, mesh=mesh)
+        hi=max_ratio * weight_decay, default=weight_decay, interval=interval,
+        ramp_steps=ramp_steps, active_steps=active_steps, spread=spread, scope=mapping_scope,
+        estimator=estimator, zero_threshold=zero_threshold, mesh=mesh)
     decays = _per_leaf.PerLeaf(fields.values, plan.layout)
     leaves, treedef = jax.tree.flatten(updates)
     new = [(u + d * p).astype(u.dtype)

@@ -213,9 +213,9 @@ def scale_by_alpha_hill(
     fields = _recompute.Fields(state.scales.values, state.ramp_from, state.targets,
                                state.ramp_start, state.alphas.values)
     fields = _recompute.advance(
-        fields, state.count, params, plan, lo=s_min, hi=s_max, interval=interval,
-        ramp_steps=ramp_steps, active_steps=active_steps, spread=spread, scope=mapping_scope,
-        estimator=estimator, zero_threshold=zero_threshold, mesh=mesh)
+        fields, state.count, params, plan, lo=s_min, hi=s_max, default=1.0,
+        interval=interval, ramp_steps=ramp_steps, active_steps=active_steps, spread=spread,
+        scope=mapping_scope, estimator=estimator, zero_threshold=zero_threshold, mesh=mesh)
     scales = _per_leaf.PerLeaf(fields.values, plan.layout)
     new_state = ScaleByAlphaHillState(
         count=optax.safe_increment(state.count), scales=scales, ramp_from=fields.ramp_from,

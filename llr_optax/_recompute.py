@@ -214,10 +214,14 @@ def init_fields(plan: Plan, default: Any) -> Fields:
                 alphas=jnp.full((plan.layout.size,), jnp.nan, jnp.float32))
 
 
-def advance(fields: Fields, count: jax.Array, params: Any, plan: Plan, *, lo, hi, interval,
-            ramp_steps, active_steps, spread: int, scope: str, estimator: str, zero_threshold,
-            mesh) -> Fields:
-  """One step of the mechanism: recompute (a chunk of) the alphas when due, then ramp."""
+def advance(fields: Fields, count: jax.Array, params: Any, plan: Plan, *, lo, hi, default,
+            interval, ramp_steps, active_steps, spread: int, scope: str, estimator: str,
+            zero_threshold, mesh) -> Fields:
+  """One step of the mechanism: recompute (a chunk of) the alphas when due, then ramp.
+
+  Values that no alpha drives (pinned ones, and `default` for leaves that take no part) are set
+  from the current hyperparameters at every step: under `optax.inject_hyperparams` they may
+  change during the run (e.g. `s_max`, which pins the embedding, or AlphaDecay's `wd`)."""
   parts = chunks(params, plan, spread)
   position = count % interval
   due = position < len(parts)
@@ -253,4 +257,5 @@ def advance(fields: Fields, count: jax.Array, params: Any, plan: Plan, *, lo, hi
 
   fields = jax.lax.cond(due, recompute, lambda f: f, fields)
   values = ramp(count, fields.ramp_from, fields.targets, fields.ramp_start, ramp_steps)
+  values = jnp.where(plan.members(), values, initial_values(plan, default))
   return fields._replace(values=values)

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import llr_optax
+from llr_optax import _recompute  # chunks / make_plan: the slices a spread recompute solves
 from tests.test_spectral import np_esd, np_hill
 
 S_MIN, S_MAX = 1.0, 5.0
@@ -279,3 +280,104 @@ def test_fixed_scales_group_name_pins_every_label_of_the_group():
   fitted = [np.asarray(scales[k]).item() for k in ("up_proj", "down_proj", "lm_head")]
   assert all(np.isfinite(alphas[k]) for k in ("up_proj", "down_proj", "lm_head"))
   assert min(fitted) == S_MIN and max(fitted) == S_MAX
+
+
+# --- spread recompute: one slice of the matrices per step ---------------------------------------
+
+def spread_params(same_gram_size):
+  """Mixed Gram sizes (16, 24 and a stack), or every matrix with a 16 x 16 Gram matrix."""
+  rng = np.random.default_rng(31)
+  heavy = lambda *s: rng.standard_t(2.0, s) * 0.1
+  gauss = lambda *s: rng.standard_normal(s) * 0.1
+  p = {"embed_tokens": gauss(24, 16), "input_norm": np.ones(16),
+       "layers": {"q_proj": np.concatenate([heavy(2, 16, 16), gauss(2, 16, 16)]),
+                  "k_proj": gauss(16, 16)},
+       "up_proj": heavy(16, 40)}
+  p["down_proj"] = gauss(40, 16) if same_gram_size else heavy(40, 24)
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p)
+
+
+def expected_ramp_start(params, spread, first_step):
+  """Per value: the step its slice is solved (`first_step + chunk index`); 0 for non-members."""
+  plan = _recompute.make_plan(params, None, None, {"embed": S_MAX}, 8)
+  out = np.zeros(plan.layout.size, np.int32)
+  for k, chunk in enumerate(_recompute.chunks(params, plan, spread)):
+    for leaf, lo, hi in chunk:
+      out[plan.layout.offsets[leaf] + lo:plan.layout.offsets[leaf] + hi] = first_step + k
+  return out, plan.members()
+
+
+@pytest.mark.parametrize("same_gram_size", [False, True], ids=["mixed", "same_gram_size"])
+def test_spread_recompute_equals_all_at_once_with_frozen_params(same_gram_size):
+  params = spread_params(same_gram_size)
+  interval, spread = 4, 3
+  kw = dict(s_min=S_MIN, s_max=S_MAX, interval=interval, ramp_steps=2, total_steps=None,
+            fixed_scales={"embed": S_MAX}, estimator="eigh")
+  spread_tx = llr_optax.scale_by_alpha_hill(spread=spread, **kw)
+  once_tx = llr_optax.scale_by_alpha_hill(**kw)
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  @jax.jit
+  def step(s_spread, s_once):
+    return spread_tx.update(grads, s_spread, params)[1], once_tx.update(grads, s_once, params)[1]
+
+  s_spread, s_once = spread_tx.init(params), once_tx.init(params)
+  states = []
+  for _ in range(interval + spread):   # two intervals' worth of slices: counts 0..6
+    s_spread, s_once = step(s_spread, s_once)
+    states.append((s_spread, s_once))
+  for last in (spread - 1, interval + spread - 1):   # the last slice of each interval
+    s_spread, s_once = states[last]
+    # Frozen params: after the last slice every alpha and target is that of the all-at-once
+    # recompute (the same solves, batched differently: <= 1e-6).
+    np.testing.assert_allclose(np.asarray(s_spread.alphas.values), np.asarray(s_once.alphas.values),
+                               rtol=1e-6, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(np.asarray(s_spread.targets), np.asarray(s_once.targets),
+                               rtol=0, atol=1e-6)
+    # ... and each slice's ramp started at the step its alpha was solved.
+    want, members = expected_ramp_start(params, spread, last - (spread - 1))
+    np.testing.assert_array_equal(np.asarray(s_spread.ramp_start)[members], want[members])
+  # Before the last slice of the first interval some alphas are not computed yet.
+  first_alphas = np.asarray(states[0][0].alphas.values)
+  assert np.isnan(first_alphas[expected_ramp_start(params, spread, 0)[1]]).any()
+  # The slices really are different steps, and the targets span [s_min, s_max].
+  assert len(set(want[members].tolist())) == spread
+  targets = np.asarray(states[-1][1].targets)[members]
+  assert targets.min() == pytest.approx(S_MIN) and targets.max() == pytest.approx(S_MAX)
+  # With frozen params the applied factors settle on the all-at-once ones.
+  np.testing.assert_allclose(np.asarray(states[-1][0].scales.values),
+                             np.asarray(states[-1][1].scales.values), rtol=0, atol=1e-6)
+
+
+def test_spread_chunks_have_about_equal_cost():
+  z = jnp.zeros
+  params = {"layers": {"q_proj": z((6, 16, 16))}, "big_proj": z((32, 64)),
+            "up_proj": z((16, 40)), "down_proj": z((40, 16)), "embed_tokens": z((24, 16))}
+  plan = _recompute.make_plan(params, None, None, {"embed": 5.0}, 8)
+  leaves = plan.layout.treedef.flatten_up_to(params)
+  cost = lambda leaf: float(min(leaves[leaf].shape[-2:])) ** 3   # k^3 for a k x k Gram solve
+  items = [(i, j) for i, a in enumerate(plan.axes) if a is not None
+           for j in range(int(np.prod(leaves[i].shape[:-2])))]
+  total = sum(cost(i) for i, _ in items)
+  biggest = max(cost(i) for i, _ in items)
+  for n in (2, 3, 4):
+    parts = _recompute.chunks(params, plan, n)
+    assert len(parts) == n
+    covered = [(leaf, j) for chunk in parts for leaf, lo, hi in chunk for j in range(lo, hi)]
+    assert covered == items   # every matrix once, in leaf order
+    costs = [sum((hi - lo) * cost(leaf) for leaf, lo, hi in chunk) for chunk in parts]
+    # Greedy contiguous split: each chunk within one matrix's cost of the even share.
+    assert all(abs(c - total / n) <= biggest for c in costs), (n, costs, total / n)
+  # Equal matrices split exactly evenly.
+  same = {"layers": {"q_proj": z((8, 16, 16))}}
+  plan = _recompute.make_plan(same, None, None, {}, 8)
+  assert _recompute.chunks(same, plan, 4) == [[(0, 0, 2)], [(0, 2, 4)], [(0, 4, 6)], [(0, 6, 8)]]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(spread=5, interval=4), "spread must be <= interval"),
+    (dict(spread=True), "spread"), (dict(spread=0), "spread"), (dict(spread=1.5), "spread"),
+])
+def test_bad_spread_raises(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    llr_optax.scale_by_alpha_hill(**kwargs)

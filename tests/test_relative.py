@@ -117,3 +117,64 @@ def test_custom_label_tree_allows_custom_labels():
   updates, _ = tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state)
   np.testing.assert_allclose(np.asarray(updates["a"]), 2.0)
   np.testing.assert_allclose(np.asarray(updates["b"]), 1.0)
+
+
+# --- Blockwise LR (Wang et al. 2025, "The Sharpness Disparity Principle") ------------------------
+
+BLOCK_PARAMS = {
+    "embed_tokens": jnp.zeros((8, 4)),
+    "layers": {"q_proj": jnp.zeros((4, 4)), "k_proj": jnp.zeros((4, 4)),
+               "v_proj": jnp.zeros((4, 4)),
+               "o_proj": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)},
+               "gate_proj": jnp.zeros((4, 8)), "up_proj": jnp.zeros((4, 8)),
+               "down_proj": jnp.zeros((8, 4)), "input_layernorm": jnp.zeros(4)},
+    "lm_head": jnp.zeros((4, 8))}
+# Their tuned peak ratios, written out here (not read from the library): norm 1, value/output 4,
+# FFN 6, query/key 8, embedding 10; an untied head and biases are not in their table (ratio 1).
+BLOCK_RATIOS = {"embed_tokens": 10.0, "q_proj": 8.0, "k_proj": 8.0, "v_proj": 4.0,
+                "o_proj/kernel": 4.0, "gate_proj": 6.0, "up_proj": 6.0, "down_proj": 6.0,
+                "input_layernorm": 1.0, "o_proj/bias": 1.0, "lm_head": 1.0}
+
+
+def np_blockwise_lr(t, ratio, base, total, warmup, final_fraction):
+  """A port of the Blockwise authors' `get_lr` for one block (nanoGPT-style): linear warmup to
+  `ratio * base`, then cosine down to the floor `min_lr = base * final_fraction`, shared by all
+  blocks; `min_lr` after `total`."""
+  min_lr = base * final_fraction
+  peak = ratio * base
+  if t < warmup:
+    return peak * t / warmup
+  if t > total:
+    return min_lr
+  decay_ratio = (t - warmup) / (total - warmup)
+  return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (peak - min_lr)
+
+
+def test_blockwise_effective_lr_matches_the_authors_schedule():
+  base_lr, total, warmup = 6e-4, 120, 12
+  frac = llr_optax.BLOCKWISE_FINAL_FRACTION
+  base = llr_optax.relative_base_schedule(base_lr, total, frac, warmup)
+  relative = llr_optax.relative_schedule(llr_optax.BLOCKWISE_MULTIPLIERS, total, frac, warmup)
+  tx = optax.chain(optax.sgd(base), relative)
+  state = tx.init(BLOCK_PARAMS)
+  update = jax.jit(tx.update)
+  grads = jax.tree.map(jnp.ones_like, BLOCK_PARAMS)
+  checked = (0, 1, 6, 11, 12, 13, 40, 66, 100, 119, 120, 123)
+  lrs = {}
+  for t in range(max(checked) + 1):
+    updates, state = update(grads, state, BLOCK_PARAMS)
+    if t in checked:   # -update is the effective LR (SGD, unit gradients)
+      flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+      lrs[t] = {llr_optax._labels.path_to_str(path).removeprefix("layers/"): -float(u.ravel()[0])
+                for path, u in flat}
+  for t in checked:
+    for name, ratio in BLOCK_RATIOS.items():
+      want = np_blockwise_lr(t, ratio, base_lr, total, warmup, frac)
+      # float32 schedule arithmetic: ~1e-6 relative (atol covers the 0 at t = 0).
+      np.testing.assert_allclose(lrs[t][name], want, rtol=1e-5, atol=1e-12,
+                                 err_msg=f"t={t} {name}")
+  # The schedule is not trivial: at the peak the embedding runs 10x the norm, at the end every
+  # block sits on the same floor.
+  assert lrs[12]["embed_tokens"] == pytest.approx(10 * lrs[12]["input_layernorm"], rel=1e-5)
+  assert lrs[120]["embed_tokens"] == pytest.approx(base_lr * frac, rel=1e-5)
+  assert lrs[120]["q_proj"] == pytest.approx(base_lr * frac, rel=1e-5)
