@@ -60,13 +60,22 @@ def _why_not(shape, label, axes, min_eigenvalues) -> str | None:
     return f"shape {list(shape)} is not read as a matrix"
   b, m, n = _matrix_axes.matrix_shape(shape, axes)
   if min(m, n) < min_eigenvalues:
-    return (f"shape {list(shape)} is read as {b} matrices of {m}x{n}: {min(m, n)} eigenvalues "
+    what = f"{b} matrices" if b != 1 else "1 matrix"
+    return (f"shape {list(shape)} is read as {what} of {m}x{n}: {min(m, n)} eigenvalues "
             f"< min_eigenvalues={min_eigenvalues}")
   return None
 
 
-_HINT = ("(a scanned or stacked layout needs matrix_axes, e.g. "
-         "llr_optax.infer_matrix_axes(params, layer_axis=...); strict=True makes this an error)")
+def _hint(leaves: list[tuple[tuple[int, ...], Any]]) -> str:
+  """What to do about skipped leaves: name matrix axes when a layout may be misread (a stacked
+  leaf, or one of rank >= 2 not read as a matrix), else point at min_eigenvalues."""
+  misread = any((axes is None and len(shape) >= 2)
+                or (axes is not None and _matrix_axes.matrix_shape(shape, axes)[0] > 1)
+                for shape, axes in leaves)
+  if misread:
+    return ("(a scanned or stacked layout needs matrix_axes, e.g. "
+            "llr_optax.infer_matrix_axes(params, layer_axis=...); strict=True makes this an error)")
+  return "(lower min_eigenvalues to include them; strict=True makes this an error)"
 
 
 def make_plan(params: Any, labels: Any, matrix_axes: Any, fixed: Mapping[str, Any],
@@ -93,7 +102,7 @@ def make_plan(params: Any, labels: Any, matrix_axes: Any, fixed: Mapping[str, An
   owner = _labels.expand_label_keys(list(fixed), f"{what} fixed values",
                                     sorted(set(label_list)))
   paths = [_labels.path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  shapes, pinned, take_part, skipped = [], [], [], []
+  shapes, pinned, take_part, skipped, skipped_layouts = [], [], [], [], []
   for path, x, label, axes in zip(paths, leaves, label_list, axes_list):
     shapes.append(_matrix_axes.per_matrix_shape(x.shape, axes))
     value = fixed[owner[label]] if label in owner else None
@@ -102,9 +111,11 @@ def make_plan(params: Any, labels: Any, matrix_axes: Any, fixed: Mapping[str, An
     take_part.append(axes if reason is None and value is None else None)
     if reason is not None and value is None and label in EXPECTED_LABELS:
       skipped.append((path, reason))
+      skipped_layouts.append((x.shape, axes))
   if skipped:
     message = (f"{what}: {len(skipped)} leaves labelled attention/MLP/expert take no part and keep "
-               "the default value: " + "; ".join(f"{p}: {r}" for p, r in skipped) + " " + _HINT)
+               "the default value: " + "; ".join(f"{p}: {r}" for p, r in skipped) + " "
+               + _hint(skipped_layouts))
     if strict:
       raise ValueError(message)
     # Same text, same place: Python shows it once per session, however often we trace.
