@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llr_optax import _labels, _matrix_axes, _per_leaf, _sharded
+from llr_optax import _labels, _matrix_axes, _per_leaf, _scales, _sharded
 
 # Labels whose leaves a user expects to take part; a leaf with one of them that does not is
 # reported (warning, or error with strict=True).
@@ -124,10 +124,16 @@ def make_plan(params: Any, labels: Any, matrix_axes: Any, fixed: Mapping[str, An
 
 
 def initial_values(plan: Plan, default: Any) -> jax.Array:
-  """`[M]` float32: pinned values where pinned, `default` elsewhere."""
-  parts = [jnp.full((math.prod(s),), default if f is None else f, jnp.float32)
-           for s, f in zip(plan.layout.shapes, plan.fixed)]
-  return jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
+  """`[M]` float32: pinned values where pinned, `default` elsewhere.
+
+  A NumPy constant when the values are concrete (the usual case: nothing to compute in the
+  jitted update); a traced vector under a jitted `optax.inject_hyperparams`."""
+  values = [default if f is None else f for f in plan.fixed]
+  if any(_scales.is_traced(v) for v in values):
+    parts = [jnp.full((math.prod(s),), v, jnp.float32) for s, v in zip(plan.layout.shapes, values)]
+    return jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
+  sizes = [math.prod(s) for s in plan.layout.shapes]
+  return np.repeat(np.asarray(values, np.float32), sizes) if sizes else np.zeros(0, np.float32)
 
 
 # --- which matrices each step of a spread recompute solves -------------------------------------
@@ -218,9 +224,9 @@ class Fields(NamedTuple):
 
 
 def init_fields(plan: Plan, default: Any) -> Fields:
-  # Separate buffers per field: a state whose leaves alias cannot be donated to a jitted step.
-  return Fields(values=initial_values(plan, default), ramp_from=initial_values(plan, default),
-                targets=initial_values(plan, default),
+  # Separate device buffers per field: a state whose leaves alias cannot be donated.
+  fresh = lambda: jnp.array(initial_values(plan, default), jnp.float32)
+  return Fields(values=fresh(), ramp_from=fresh(), targets=fresh(),
                 ramp_start=jnp.zeros((plan.layout.size,), jnp.int32),
                 alphas=jnp.full((plan.layout.size,), jnp.nan, jnp.float32))
 
