@@ -137,13 +137,13 @@ def scale_by_alpha_hill(
   """Heavy-tail guided layer-wise learning rates (LLR), chained after the base optimizer.
 
   Multiplies each weight matrix's update by a factor in `[s_min, s_max]` mapped linearly from its
-  PL_Alpha_Hill (larger alpha, i.e. a less heavy-tailed ESD, gets a larger LR). Embedding and
-  head are pinned at `s_max`; norms, biases and matrices with fewer than `min_eigenvalues`
-  eigenvalues keep factor 1. Alphas are recomputed at step 0 and then every `interval` steps
-  while `step < active_fraction * total_steps`; after a recompute the factors ramp linearly from
-  their current values to the new targets over `ramp_steps` steps (at the recompute step itself
-  the old factors still apply). At step 0 there is no old value: the run starts directly at the
-  first targets, so it is layer-wise from its first update.
+  PL_Alpha_Hill (larger alpha, i.e. a less heavy-tailed ESD, gets a larger LR). Embeddings
+  (token and position) and head are pinned at `s_max`; norms, biases and matrices with fewer
+  than `min_eigenvalues` eigenvalues keep factor 1. Alphas are recomputed at step 0 and then
+  every `interval` steps while `step < active_fraction * total_steps`; after a recompute the
+  factors ramp linearly from their current values to the new targets over `ramp_steps` steps
+  (at the recompute step itself the old factors still apply). At step 0 there is no old value:
+  the run starts directly at the first targets, so it is layer-wise from its first update.
 
   Place it AFTER the whole base optimizer (scaling before Adam or Muon is undone by their
   normalisation). `update` needs `params`.
@@ -162,8 +162,8 @@ def scale_by_alpha_hill(
     min_eigenvalues: matrices with fewer eigenvalues (min(m, n)) take no part (factor 1);
       the authors use 50.
     fixed_scales: label or group ("attn", "mlp") -> pinned factor (a label wins over its group);
-      default `{"embed": s_max, "head": s_max}`. Pinned leaves take no part in
-      alpha_min/alpha_max.
+      default `{"embed": s_max, "pos_embed": s_max, "head": s_max}`. Pinned leaves take no
+      part in alpha_min/alpha_max.
     mapping_scope: "global" (min/max over all participating matrices, the paper's default) or
       "label" (per module type).
     estimator: eigenvalue solver, see `esd`.
@@ -202,7 +202,7 @@ def scale_by_alpha_hill(
   active_fraction = _scales.check_fraction("active_fraction", active_fraction)
   min_eigenvalues = _scales.check_int("min_eigenvalues", min_eigenvalues, 2)
   if fixed_scales is None:
-    fixed_scales = {"embed": s_max, "head": s_max}
+    fixed_scales = {"embed": s_max, "pos_embed": s_max, "head": s_max}
   fixed_scales = _pinned_by_label(_scales.check_scale_mapping("fixed_scales", fixed_scales),
                                   labels)
   if mapping_scope not in MAPPING_SCOPES:
@@ -264,7 +264,8 @@ def scale_by_alpha_hill(
 def alpha_hill_plan_summary(params, labels=None, matrix_axes=None, min_eigenvalues: int = 8,
                             fixed_scales: Mapping[str, float] | None = None) -> list[dict]:
   """Which leaves take part, are pinned or are left at 1 — for docs, notebooks and debugging."""
-  fixed_scales = _pinned_by_label({"embed": 5.0, "head": 5.0} if fixed_scales is None
+  fixed_scales = _pinned_by_label({"embed": 5.0, "pos_embed": 5.0, "head": 5.0}
+                                  if fixed_scales is None
                                   else dict(fixed_scales), labels)
   plan = _plan(params, labels, matrix_axes, fixed_scales, min_eigenvalues)
   paths = [_labels.path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
