@@ -4,8 +4,9 @@ The GPT-2 architecture: learned token and position embeddings, pre-norm blocks w
 LayerNorm (scale and bias), causal multi-head attention with a fused ``c_attn``
 query/key/value projection, a GELU MLP (``c_fc`` -> GELU (tanh approximation) ->
 ``c_proj``), a final LayerNorm, and an output head tied to the token embedding (the
-same ``nnx.Param``: one leaf, one gradient, one optimizer state). Every linear map has
-a bias unless ``use_bias=False`` (the bias-free variant the init-grad paper trained).
+same ``nnx.Param``: one leaf, one gradient, one optimizer state). Every linear map and
+LayerNorm has a bias unless ``use_bias=False`` (nanoGPT's ``bias=False``: the variant
+the init-grad paper trained, "no bias on the linear and layer norm layers").
 
 Parameter names follow Hugging Face's ``GPT2LMHeadModel`` (``wte``, ``wpe``,
 ``h/<i>/ln_1``, ``attn/c_attn``, ``attn/c_proj``, ``ln_2``, ``mlp/c_fc``,
@@ -48,7 +49,8 @@ class GPT2Config:
       max_seq_len: Context length (rows of the position embedding ``wpe``).
       intermediate: MLP hidden width; ``None`` means ``4 * hidden`` (GPT-2).
       norm_eps: LayerNorm epsilon.
-      use_bias: Biases on every linear map (GPT-2). LayerNorms keep their bias.
+      use_bias: Biases on every linear map and LayerNorm (GPT-2); ``False`` drops all
+        of them (the init-grad paper's GPT-2 variant).
       tie_embeddings: Output head = token embedding (GPT-2). ``False`` adds an
         ``lm_head`` of its own.
       dtype: Computation dtype of activations.
@@ -87,22 +89,24 @@ class GPT2Config:
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm with a learned scale and bias, statistics in float32."""
+    """LayerNorm with a learned scale and (optional) bias, statistics in float32."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+    def __init__(self, dim: int, *, eps: float = 1e-5, use_bias: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
         self.eps = eps
         self.dtype = dtype
         key = jax.random.key(0)  # deterministic ones/zeros: the key is unused
         self.scale = nnx.Param(_init(("embed",), nnx.initializers.ones)(key, (dim,), param_dtype))
-        self.bias = nnx.Param(_init(("embed",), nnx.initializers.zeros)(key, (dim,), param_dtype))
+        self.bias = (nnx.Param(_init(("embed",), nnx.initializers.zeros)(key, (dim,), param_dtype))
+                     if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -151,8 +155,8 @@ class Block(nnx.Module):
     """Pre-norm GPT-2 block."""
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
-        norm = lambda: LayerNorm(cfg.hidden, eps=cfg.norm_eps, dtype=cfg.dtype,
-                                 param_dtype=cfg.param_dtype)
+        norm = lambda: LayerNorm(cfg.hidden, eps=cfg.norm_eps, use_bias=cfg.use_bias,
+                                 dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.ln_1 = norm()
         self.attn = CausalSelfAttention(cfg, rngs=rngs)
         self.ln_2 = norm()
@@ -186,8 +190,8 @@ class GPT2(nnx.Module):
         self.wte = embed(cfg.vocab_size, ("vocab", "embed"))
         self.wpe = embed(cfg.max_seq_len, (None, "embed"))
         self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.ln_f = LayerNorm(cfg.hidden, eps=cfg.norm_eps, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype)
+        self.ln_f = LayerNorm(cfg.hidden, eps=cfg.norm_eps, use_bias=cfg.use_bias,
+                              dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.lm_head = None if cfg.tie_embeddings else nnx.Linear(
             cfg.hidden, cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype, kernel_init=_init(("embed", "vocab")), rngs=rngs)

@@ -103,9 +103,9 @@ def param_count(config: LlamaConfig | MoeConfig | GPT2Config) -> int:
       ``d*kv_dim`` each, SwiGLU ``3*d*f``, two norms ``2*d``) + final norm
       ``d`` + untied head ``d*V``. MoE: the SwiGLU term becomes ``E*3*d*f`` plus
       the router ``d*E``. GPT-2: ``V*d + T*d`` embeddings + per layer
-      (two LayerNorms ``4*d``, ``c_attn`` ``3*d*d``, ``c_proj`` ``d*d``, MLP
-      ``2*d*f``, and with biases ``3*d + d + f + d``) + ``ln_f`` ``2*d`` + untied
-      head.
+      (two LayerNorm scales ``2*d``, ``c_attn`` ``3*d*d``, ``c_proj`` ``d*d``, MLP
+      ``2*d*f``, and with biases ``2*d + 3*d + d + f + d``) + ``ln_f`` (``d``, plus
+      ``d`` of bias) + untied head.
     """
     if isinstance(config, GPT2Config):
         return _gpt2_param_count(config)
@@ -156,13 +156,14 @@ def create_model(config: LlamaConfig | MoeConfig | GPT2Config, *,
 def _gpt2_param_count(config: GPT2Config) -> int:
     d, f, v = config.hidden, config.intermediate, config.vocab_size
     bias = int(config.use_bias)
-    per_layer = (4 * d                      # ln_1, ln_2: scale and bias
+    per_layer = (2 * d + bias * 2 * d         # ln_1, ln_2: scale (and bias)
                  + 3 * d * d + bias * 3 * d   # c_attn
                  + d * d + bias * d           # attn c_proj
                  + d * f + bias * f           # c_fc
                  + f * d + bias * d)          # mlp c_proj
     head = 0 if config.tie_embeddings else d * v
-    return v * d + config.max_seq_len * d + config.num_layers * per_layer + 2 * d + head
+    ln_f = d + bias * d
+    return v * d + config.max_seq_len * d + config.num_layers * per_layer + ln_f + head
 
 
 def active_param_count(config: LlamaConfig | MoeConfig | GPT2Config, *,

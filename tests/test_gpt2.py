@@ -11,7 +11,9 @@ import pytest
 from flax import nnx
 
 import llr_optax
-from models import GPT2, GPT2_PRESETS, GPT2Config, create_model, model_config, param_count
+from models import (ALL_PRESETS, GPT2, GPT2_PRESETS, LOGICAL_AXIS_RULES, MOE_PRESETS,
+                    PRESETS, GPT2Config, LLaMa, MoeLLaMa, create_model, model_config,
+                    param_count)
 
 
 def small_config(**overrides) -> GPT2Config:
@@ -57,7 +59,7 @@ def np_gpt2(p, tokens, cfg):
     mask = np.tril(np.ones((t, t), bool))
     for i in range(cfg.num_layers):
         pre = f"h/{i}/"
-        h = np_layer_norm(x, p[pre + "ln_1/scale"], p[pre + "ln_1/bias"])
+        h = np_layer_norm(x, p[pre + "ln_1/scale"], bias(pre + "ln_1/bias", d))
         qkv = h @ p[pre + "attn/c_attn/kernel"] + bias(pre + "attn/c_attn/bias", 3 * d)
         q, k, v = (a.reshape(b, t, nh, hd).transpose(0, 2, 1, 3) for a in np.split(qkv, 3, -1))
         att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)
@@ -66,11 +68,11 @@ def np_gpt2(p, tokens, cfg):
         att /= att.sum(-1, keepdims=True)
         out = (att @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
         x = x + out @ p[pre + "attn/c_proj/kernel"] + bias(pre + "attn/c_proj/bias", d)
-        h = np_layer_norm(x, p[pre + "ln_2/scale"], p[pre + "ln_2/bias"])
+        h = np_layer_norm(x, p[pre + "ln_2/scale"], bias(pre + "ln_2/bias", d))
         f = cfg.intermediate
         h = np_gelu_tanh(h @ p[pre + "mlp/c_fc/kernel"] + bias(pre + "mlp/c_fc/bias", f))
         x = x + h @ p[pre + "mlp/c_proj/kernel"] + bias(pre + "mlp/c_proj/bias", d)
-    x = np_layer_norm(x, p["ln_f/scale"], p["ln_f/bias"])
+    x = np_layer_norm(x, p["ln_f/scale"], bias("ln_f/bias", d))
     head = p["wte/embedding"].T if cfg.tie_embeddings else p["lm_head/kernel"]
     return x @ head
 
@@ -83,7 +85,9 @@ def test_forward_matches_numpy_gpt2(overrides):
     tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]])
     logits, aux = nnx.jit(lambda m, t: m(t, return_aux=True))(model, jnp.asarray(tokens))
     assert aux == {} and logits.dtype == jnp.float32
-    want = np_gpt2(flat(nnx.state(model, nnx.Param)), tokens, cfg)
+    params = flat(nnx.state(model, nnx.Param))
+    assert any(k.endswith("bias") for k in params) == cfg.use_bias
+    want = np_gpt2(params, tokens, cfg)
     # float32 model vs float64 reference through 2 blocks of O(1) weights.
     np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=2e-4)
     # Causal: logits at position 3 do not depend on later tokens.
@@ -201,8 +205,9 @@ def test_config_validation_and_defaults():
 
 
 @pytest.mark.parametrize("preset", sorted(GPT2_PRESETS))
-def test_param_count_matches_model(preset):
-    cfg = model_config(preset, 257, 128)
+@pytest.mark.parametrize("overrides", [{}, {"use_bias": False, "tie_embeddings": False}])
+def test_param_count_matches_model(preset, overrides):
+    cfg = model_config(preset, 257, 128, **overrides)
     model = nnx.eval_shape(lambda: create_model(cfg, rngs=nnx.Rngs(0)))
     assert isinstance(model, GPT2)
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
@@ -212,6 +217,34 @@ def test_param_count_matches_model(preset):
 def test_gpt2_124m_by_hand():
     cfg = model_config("gpt2-124m", 50257, 1024)
     d, v, t, layers = 768, 50257, 1024, 12
-    per_layer = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    per_layer = (2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d)
+                 + (4 * d * d + d))
     assert param_count(cfg) == v * d + t * d + layers * per_layer + 2 * d == 124_439_808
     assert (cfg.hidden, cfg.num_heads, cfg.num_layers, cfg.intermediate) == (768, 12, 12, 3072)
+
+
+def test_every_param_has_known_logical_names_and_builds_under_a_mesh():
+    known = {name for name, _ in LOGICAL_AXIS_RULES} | {None}
+    for var in jax.tree.leaves(nnx.state(GPT2(small_config(), rngs=nnx.Rngs(0)), nnx.Param),
+                               is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == var.ndim and set(names) <= known
+    mesh = jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(LOGICAL_AXIS_RULES):
+        model = GPT2(small_config(), rngs=nnx.Rngs(0))
+        assert model.wte.embedding[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+
+
+def test_model_config_and_create_model_cover_every_family():
+    assert set(ALL_PRESETS) == set(PRESETS) | set(MOE_PRESETS) | set(GPT2_PRESETS)
+    assert len(ALL_PRESETS) == len(set(ALL_PRESETS))
+    for preset, cls in (("tiny", LLaMa), ("moe-tiny", MoeLLaMa), ("gpt-tiny", GPT2)):
+        model = nnx.eval_shape(lambda p=preset: create_model(model_config(p, 257, 16),
+                                                             rngs=nnx.Rngs(0)))
+        assert type(model) is cls
+    with pytest.raises(ValueError, match="unknown preset 'gpt3'.*gpt2-124m"):
+        model_config("gpt3", 257, 16)
+    with pytest.raises(TypeError):
+        model_config("gpt-tiny", 257, 16, num_experts=8)  # not a GPT-2 field
+    with pytest.raises(TypeError, match="not a model config"):
+        create_model(object(), rngs=nnx.Rngs(0))

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 import llr_optax
-from models import (MOE_PRESETS, MoeConfig, MoeLLaMa, active_param_count, create_model,
-                    llama_config, model_config, param_count)
+from models import (LOGICAL_AXIS_RULES, MOE_PRESETS, MoeConfig, MoeLLaMa, active_param_count,
+                    create_model, llama_config, model_config, param_count)
 from models.moe import MoeBlock, Router, load_balance_loss, route, router_z_loss
 
 
@@ -244,7 +244,8 @@ def test_alpha_hill_fits_one_alpha_per_expert():
     for name in ("gate_proj", "up_proj", "down_proj"):
         var = getattr(model.model.layers[0].moe.experts, name)
         w = rng.standard_normal(var[...].shape)
-        w *= (1.0 + np.arange(w.shape[-1]))[None, None, :] ** -np.linspace(0.1, 1.5, 4)[:, None, None]
+        decay = np.linspace(0.1, 1.5, 4)[:, None, None]  # expert e: columns ~ j^-decay_e
+        w *= (1.0 + np.arange(w.shape[-1]))[None, None, :] ** -decay
         var[...] = jnp.asarray(w, jnp.float32)
     params = nnx.state(model, nnx.Param)
     # estimator="eigh": the same alphas as the CPU default "tridiagonal", which takes ~15 s to
@@ -327,3 +328,11 @@ def test_moe_8x34m_matches_rlrs_table():
     assert active_param_count(cfg, embeddings=False) == pytest.approx(33.6e6, rel=0.005)
     total = param_count(cfg) - 2 * 50257 * 512
     assert total == pytest.approx(210e6, rel=0.005)
+
+
+def test_every_param_has_known_logical_names():
+    known = {name for name, _ in LOGICAL_AXIS_RULES} | {None}
+    for var in jax.tree.leaves(nnx.state(MoeLLaMa(small_config(), rngs=nnx.Rngs(0)), nnx.Param),
+                               is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == var.ndim and set(names) <= known
