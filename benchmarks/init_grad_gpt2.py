@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GPT-2 with biases (default: the paper's bias-free variant)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write all factors to this JSON file")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="only print the tables of a JSON file written by --out")
     args = p.parse_args(argv)
     if args.batches < 1 or args.batch_size < 1 or args.seq_len < 2:
         p.error("--batches, --batch-size must be >= 1 and --seq-len >= 2")
@@ -106,8 +108,52 @@ def module_of(path: str, label: str) -> str:
     return label
 
 
+_ORDER = ("embed", "pos_embed", "attn q (c_attn block)", "attn k (c_attn block)",
+          "attn v (c_attn block)", "attn_qkv", "attn_o", "mlp_up", "mlp_down", "ln_1", "ln_2",
+          "ln_f", "bias")
+_LAYER_COLUMNS = (("q", "attn/c_attn/kernel[q]"), ("k", "attn/c_attn/kernel[k]"),
+                  ("v", "attn/c_attn/kernel[v]"), ("c_attn", "attn/c_attn/kernel"),
+                  ("attn c_proj", "attn/c_proj/kernel"), ("c_fc", "mlp/c_fc/kernel"),
+                  ("mlp c_proj", "mlp/c_proj/kernel"), ("ln_1", "ln_1/scale"),
+                  ("ln_2", "ln_2/scale"))
+
+
+def report(result: dict) -> str:
+    """Markdown: the run, a per-module summary beside the paper, and a per-layer table."""
+    args, per_leaf, split = result["args"], result["factors"], result["factors_qkv_split"]
+    rows = defaultdict(list)
+    for path, value in per_leaf.items():
+        rows[module_of(path, result["labels"][path])].append(value)
+    for path, value in split.items():
+        if path.endswith("]"):
+            rows[module_of(path, "attn_qkv")].append(value)
+    check = result.get("library_vs_reference")
+    lines = [f"{args['preset']} (bias={args['biases']}), T={args['batches']} batches x "
+             f"{args['batch_size']} x {args['seq_len']} tokens, tokenizer {args['tokenizer']} "
+             f"(vocab {result['vocab']}, embedding table {result['table_rows']} rows)"
+             + ("" if check is None else f"; library vs float64 reference: {check:.1e}"),
+             "", "| module | leaves | mean | min | max | paper |", "|---|---|---|---|---|---|"]
+    for name in sorted(rows, key=lambda r: _ORDER.index(r) if r in _ORDER else len(_ORDER)):
+        values = rows[name]
+        lines.append(f"| {name} | {len(values)} | {np.mean(values):.3f} | {min(values):.3f} | "
+                     f"{max(values):.3f} | {PAPER.get(name, '')} |")
+    both = {**per_leaf, **split}
+    layers = sorted({int(p.split("/")[1]) for p in per_leaf if p.startswith("h/")})
+    lines += ["", "| layer | " + " | ".join(c for c, _ in _LAYER_COLUMNS) + " |",
+              "|---" * (len(_LAYER_COLUMNS) + 1) + "|"]
+    for i in layers:
+        cells = [f"{both[f'h/{i}/{suffix}']:.2f}" if f"h/{i}/{suffix}" in both else "-"
+                 for _, suffix in _LAYER_COLUMNS]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        with open(args.report, encoding="utf-8") as f:
+            print(report(json.load(f)))
+        return 0
     t0 = time.perf_counter()
     data = data_lib.build_data(data_lib.DataConfig(
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
@@ -177,31 +223,14 @@ def main(argv=None) -> int:
     split_sizes = split_qkv(batch_means[0], sizes, {p: [0, 0, 0] for p in qkv_paths})[1]
     per_leaf_split = factors(batch_split, split_sizes)
 
-    rows = defaultdict(list)
-    for path, value in per_leaf.items():
-        rows[module_of(path, label_of[path])].append(value)
-    for path, value in per_leaf_split.items():
-        if path.endswith("]"):
-            rows[module_of(path, "attn_qkv")].append(value)
-    print(f"\n{args.preset}, T={args.batches} x {args.batch_size} x {args.seq_len} tokens, "
-          f"tokenizer {args.tokenizer} (vocab {data.vocab_size}, table {vocab}); "
-          f"library vs float64 reference: max rel. diff {worst:.1e}\n")
-    order = ["embed", "pos_embed", "attn q (c_attn block)", "attn k (c_attn block)",
-             "attn v (c_attn block)", "attn_qkv", "attn_o", "mlp_up", "mlp_down", "ln_1",
-             "ln_2", "ln_f", "bias"]
-    print("| module | leaves | mean | min | max | paper |\n|---|---|---|---|---|---|")
-    for name in sorted(rows, key=lambda r: order.index(r) if r in order else len(order)):
-        values = rows[name]
-        paper = PAPER.get(name, "")
-        print(f"| {name} | {len(values)} | {np.mean(values):.3f} | {min(values):.3f} | "
-              f"{max(values):.3f} | {paper} |")
+    result = {"args": vars(args), "vocab": data.vocab_size, "table_rows": vocab,
+              "loss_at_init": losses, "library_vs_reference": worst, "factors": per_leaf,
+              "factors_qkv_split": per_leaf_split, "labels": label_of, "sizes": sizes}
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "vocab": data.vocab_size, "table_rows": vocab,
-                       "loss_at_init": losses, "factors": per_leaf,
-                       "factors_qkv_split": per_leaf_split,
-                       "labels": label_of, "sizes": sizes}, f, indent=1)
-        print(f"\nwrote {args.out}", file=sys.stderr)
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}", file=sys.stderr)
+    print(report(result))
     return 0
 
 

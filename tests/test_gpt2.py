@@ -21,6 +21,12 @@ def small_config(**overrides) -> GPT2Config:
     return GPT2Config(**{**kwargs, **overrides})
 
 
+@nnx.jit
+def forward(model, tokens):
+    """``model(tokens, return_aux=True)``, compiled once per shape (eager NNX is slow)."""
+    return model(tokens, return_aux=True)
+
+
 def flat(tree):
     return {llr_optax._labels.path_to_str(p): np.asarray(x, np.float64)
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -83,7 +89,7 @@ def test_forward_matches_numpy_gpt2(overrides):
     model = GPT2(cfg, rngs=nnx.Rngs(0))
     randomize(model)
     tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]])
-    logits, aux = nnx.jit(lambda m, t: m(t, return_aux=True))(model, jnp.asarray(tokens))
+    logits, aux = forward(model, jnp.asarray(tokens))
     assert aux == {} and logits.dtype == jnp.float32
     params = flat(nnx.state(model, nnx.Param))
     assert any(k.endswith("bias") for k in params) == cfg.use_bias
@@ -93,13 +99,13 @@ def test_forward_matches_numpy_gpt2(overrides):
     # Causal: logits at position 3 do not depend on later tokens.
     changed = tokens.copy()
     changed[:, 4:] = 0
-    again = nnx.jit(lambda m, t: m(t))(model, jnp.asarray(changed))
+    again, _ = forward(model, jnp.asarray(changed))
     np.testing.assert_allclose(np.asarray(again[:, :4]), np.asarray(logits[:, :4]), atol=1e-5)
 
 
 def test_shorter_sequences_and_length_check():
     model = GPT2(small_config(), rngs=nnx.Rngs(0))
-    assert nnx.jit(lambda m, t: m(t))(model, jnp.zeros((1, 3), jnp.int32)).shape == (1, 3, 29)
+    assert forward(model, jnp.zeros((1, 3), jnp.int32))[0].shape == (1, 3, 29)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(jnp.zeros((1, 9), jnp.int32))
 
@@ -139,7 +145,7 @@ def test_tied_embedding_is_one_leaf_whose_gradient_has_both_uses():
     np.testing.assert_allclose(new["wte/embedding"],
                                params["wte/embedding"] - 0.5 * g_tied["wte/embedding"],
                                rtol=1e-5, atol=1e-7)
-    logits = nnx.jit(lambda m, t: m(t))(tied, tokens)
+    logits, _ = forward(tied, tokens)
     np.testing.assert_allclose(np.asarray(logits), np_gpt2(new, np.asarray(tokens), cfg),
                                rtol=1e-4, atol=2e-4)
 
