@@ -9,7 +9,8 @@ embedding 0.66; the rest of its Figure 5 is a plot without numbers in the text).
 GPT-2 fuses the query/key/value projections into one `c_attn` leaf, so per-leaf factors
 give the three one number. To compare with the paper's query/key spikes we also report the
 factors the same rule gives when the `c_attn` kernel's q, k and v column blocks are
-counted as three leaves (gradients split by columns, everything else unchanged).
+counted as three leaves (gradients split by columns, everything else unchanged), on the
+model's own scale (`1/sqrt(G)` over the same normalising mean as the real leaves).
 
 Memory: each batch's gradient is accumulated over micro-batches of `--micro-batch`
 sequences (XLA's CPU attention materialises every `seq_len x seq_len` score matrix: 8 x 1024
@@ -60,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "e.g. 50257 for GPT-2's table size")
     p.add_argument("--biases", action="store_true",
                    help="GPT-2 with biases (default: the paper's bias-free variant)")
+    p.add_argument("--rule", default="paper", choices=("paper", "kernels"),
+                   help="fan_in_init rule: the paper's, or kernels only (embeddings keep "
+                        "GPT-2's 0.02 init)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write all factors to this JSON file")
     p.add_argument("--report", default=None, metavar="JSON",
@@ -121,14 +125,18 @@ _LAYER_COLUMNS = (("q", "attn/c_attn/kernel[q]"), ("k", "attn/c_attn/kernel[k]")
 def report(result: dict) -> str:
     """Markdown: the run, a per-module summary beside the paper, and a per-layer table."""
     args, per_leaf, split = result["args"], result["factors"], result["factors_qkv_split"]
+    # Splitting c_attn changes the normalising mean, which rescales every factor by one
+    # constant; undo it, so that q/k/v are on the same scale as the model's own factors.
+    rescale = float(np.median([per_leaf[k] / split[k] for k in per_leaf if k in split]))
+    split = {k: v * rescale for k, v in split.items() if k.endswith("]")}
     rows = defaultdict(list)
     for path, value in per_leaf.items():
         rows[module_of(path, result["labels"][path])].append(value)
     for path, value in split.items():
-        if path.endswith("]"):
-            rows[module_of(path, "attn_qkv")].append(value)
+        rows[module_of(path, "attn_qkv")].append(value)
     check = result.get("library_vs_reference")
-    lines = [f"{args['preset']} (bias={args['biases']}), T={args['batches']} batches x "
+    lines = [f"{args['preset']} (bias={args['biases']}, fan_in_init rule "
+             f"{args.get('rule', 'paper')}), T={args['batches']} batches x "
              f"{args['batch_size']} x {args['seq_len']} tokens, tokenizer {args['tokenizer']} "
              f"(vocab {result['vocab']}, embedding table {result['table_rows']} rows)"
              + ("" if check is None else f"; library vs float64 reference: {check:.1e}"),
@@ -151,8 +159,12 @@ def report(result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
-        with open(args.report, encoding="utf-8") as f:
-            print(report(json.load(f)))
+        try:
+            with open(args.report, encoding="utf-8") as f:
+                print(report(json.load(f)))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"init_grad_gpt2.py: cannot report {args.report!r}: {e!r}", file=sys.stderr)
+            return 2
         return 0
     t0 = time.perf_counter()
     data = data_lib.build_data(data_lib.DataConfig(
@@ -164,7 +176,7 @@ def main(argv=None) -> int:
     cfg = model_config(args.preset, vocab, args.seq_len, use_bias=args.biases)
     model = create_model(cfg, rngs=nnx.Rngs(args.seed))
     graphdef, params = nnx.split(model, nnx.Param)
-    measuring = llr_optax.fan_in_init(params, jax.random.key(args.seed), rule="paper")
+    measuring = llr_optax.fan_in_init(params, jax.random.key(args.seed), rule=args.rule)
     del model, params
     labels = llr_optax.label_params(measuring)
     flat = jax.tree_util.tree_flatten_with_path(measuring)[0]
