@@ -107,7 +107,8 @@ def add_decayed_weights_by_alpha_hill(
       applies (e.g. to exclude norm scales and biases).
     matrix_axes: see `scale_by_alpha_hill` and `infer_matrix_axes`.
     min_eigenvalues: matrices with fewer eigenvalues keep `wd` (authors: 50).
-    fixed_decays: label or group -> pinned coefficient; default `{"embed": wd, "head": wd}`.
+    fixed_decays: label or group -> pinned coefficient; default `{"embed": wd, "pos_embed": wd,
+      "head": wd}` (the authors' code visits only Linear layers).
     mapping_scope: "global" (min/max over all participating matrices) or "label".
     estimator: see `esd`.
     zero_threshold: see `scale_by_alpha_hill` (authors: None, every eigenvalue counts).
@@ -145,7 +146,8 @@ def add_decayed_weights_by_alpha_hill(
   min_eigenvalues = _scales.check_int("min_eigenvalues", min_eigenvalues, 2, static=True)
   fixed_decays = _scales.check_scale_mapping(
       "fixed_decays",
-      {"embed": weight_decay, "head": weight_decay} if fixed_decays is None else fixed_decays)
+      {"embed": weight_decay, "pos_embed": weight_decay, "head": weight_decay}
+      if fixed_decays is None else fixed_decays)
   _alpha_hill.check_keys_now(fixed_decays, "fixed_decays", labels)
   if mapping_scope not in _alpha_hill.MAPPING_SCOPES:
     raise ValueError(f"mapping_scope must be one of {_alpha_hill.MAPPING_SCOPES}, "

@@ -86,18 +86,38 @@ def init_grad_scales(grads: Sequence[Any]) -> Any:
   return jax.tree.unflatten(treedef, [jnp.asarray(v, jnp.float32) for v in s])
 
 
-def fan_in_init(params: Any, key: jax.Array, labels: Any = None, matrix_axes: Any = None) -> Any:
+_FAN_IN_RULES = ("kernels", "paper")
+
+
+def fan_in_init(params: Any, key: jax.Array, labels: Any = None, matrix_axes: Any = None, *,
+                rule: str = "paper", tied_embedding: bool | None = None) -> Any:
   """A copy of `params` initialised fan-in style, for measuring `init_grad_scales`.
 
-  Matrix leaves (kernels, including the output head) are drawn from `N(0, 1 / fan_in)` with
-  fan_in the product of the reduction axes (rows of a `x @ W` kernel); norm scales become 1 and
-  biases 0. Embeddings (a lookup, not a linear map) and leaves labelled "other" keep their values.
+  Both rules draw matrix leaves (kernels, the output head, stacked experts) from
+  `N(0, 1 / fan_in)` with fan_in the product of the reduction axes (rows of a `x @ W` kernel),
+  and set norm scales to 1 and biases to 0. They differ on embeddings:
+
+  * `"paper"` (the default; the init-grad paper's Algorithm 1 and its GPT-2 setting): position
+    embeddings are treated as biases (0); a weight-tied embedding/head gets std `(1 + sqrt(1 / f_in)) / 2`,
+    f_in being the embedding's last axis (the feature width, which is the fan-in of the head
+    `h @ E^T`): the paper's middle ground between a unit-variance input and a fan-in head. An
+    untied embedding gets std 1 (the unit-variance half; the paper's models are all tied, so
+    this case is our extension), an untied head the fan-in init like every matrix. Leaves
+    labelled "other" keep their values.
+  * `"kernels"` (a departure, v0.1's rule): token and position embeddings, like leaves labelled
+    "other", keep their values (e.g. a 0.02 init), which gives them the *smallest* factors.
 
   Args:
     params: the parameter pytree.
     key: a JAX PRNG key.
     labels: label tree, callable params -> label tree, or None for `label_params(params)`.
     matrix_axes: see `scale_by_alpha_hill`.
+    rule: `"paper"` or `"kernels"`, see above.
+    tied_embedding: `"paper"` only: whether the embedding is also the output head. None infers
+      it: tied if some leaf is labelled "embed" and none "head".
+
+  Raises:
+    ValueError: an unknown `rule`, or a `labels`/`matrix_axes` tree of another structure.
 
   Example:
     >>> import jax, jax.numpy as jnp, llr_optax
@@ -106,21 +126,31 @@ def fan_in_init(params: Any, key: jax.Array, labels: Any = None, matrix_axes: An
     >>> round(float(q["q_proj"].std() * 16), 1), float(q["input_norm"][0])
     (1.0, 1.0)
   """
+  if rule not in _FAN_IN_RULES:
+    raise ValueError(f"rule must be one of {_FAN_IN_RULES}, got {rule!r}")
   label_tree = _labels.resolve_labels(labels, params)
   axes_tree = _matrix_axes.resolve_matrix_axes(matrix_axes, params, label_tree)
   leaves, treedef = jax.tree.flatten(params)
   label_list = treedef.flatten_up_to(label_tree)
   axes_list = treedef.flatten_up_to(axes_tree)
+  if tied_embedding is None:
+    tied_embedding = "embed" in label_list and "head" not in label_list
   keys = jax.random.split(key, len(leaves))
+  # Dividing by 1/std (not multiplying by std) keeps "kernels" bit-identical to earlier versions.
+  normal = lambda k, x, inv_std: (jax.random.normal(k, x.shape, jnp.float32) / inv_std).astype(
+      x.dtype)
   out = []
   for x, label, axes, k in zip(leaves, label_list, axes_list, keys):
     if label == "norm":
       out.append(jnp.ones_like(x))
-    elif label == "bias":
+    elif label == "bias" or (rule == "paper" and label == "pos_embed"):
       out.append(jnp.zeros_like(x))
-    elif axes is not None and label not in ("embed", "other"):
+    elif rule == "paper" and label == "embed" and getattr(x, "ndim", 0) >= 1:
+      std = (1.0 + np.sqrt(1.0 / x.shape[-1])) / 2.0 if tied_embedding else 1.0
+      out.append(normal(k, x, 1.0 / std))
+    elif axes is not None and label not in ("embed", "pos_embed", "other"):
       fan_in = _matrix_axes.matrix_shape(x.shape, axes)[1]
-      out.append((jax.random.normal(k, x.shape, jnp.float32) / np.sqrt(fan_in)).astype(x.dtype))
+      out.append(normal(k, x, np.sqrt(fan_in)))
     else:
       out.append(x)
   return jax.tree.unflatten(treedef, out)

@@ -18,7 +18,7 @@ import optax
 
 # Every label the default rules can produce. Custom rules may produce any other string.
 LABELS = (
-    "embed", "head",
+    "embed", "pos_embed", "head",
     "attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv",
     "mlp_gate", "mlp_up", "mlp_down",
     "router", "expert",
@@ -40,14 +40,17 @@ _END = r"(/|$)"
 
 # Ordered: bias and norm first (a norm inside an attention block is still a norm), experts and
 # router before the generic MLP names (an expert's `w1` is an expert), MLP before attention
-# (`mlp/wo` is a down-projection), head before embed (`unembed` contains `embed`).
+# (`mlp/wo` is a down-projection), head before embed (`unembed` contains `embed`), position
+# embeddings before embed (`wpe/embedding` contains `embed`). Position embeddings are their own
+# type: the init-grad paper initialises them like biases (0), not like token embeddings.
 DEFAULT_RULES: tuple[tuple[str, str], ...] = (
     (rf"{_SEP}(bias|b)$", "bias"),
     (r"norm|rms|layer_?norm|" + rf"{_SEP}ln(_\w*)?{_END}", "norm"),
     (r"router|" + rf"(moe|block_sparse_moe)/(gate|wg){_END}", "router"),
     (rf"{_SEP}experts?{_END}|{_SEP}experts?_|moe_?(mlp|ffn)", "expert"),
     (r"lm_head|unembed|logits_dense|" + rf"{_SEP}(output|head){_END}", "head"),
-    (rf"embed|{_SEP}(wte|wpe|tok_embeddings|word_embeddings|position_embeddings){_END}", "embed"),
+    (rf"{_SEP}(wpe|pos(ition(al)?)?_?emb\w*){_END}", "pos_embed"),
+    (rf"embed|{_SEP}(wte|tok_embeddings|word_embeddings){_END}", "embed"),
     (rf"gate_proj|{_SEP}(w1|wi_0|w_gate){_END}|{_FFN}/gate{_END}", "mlp_gate"),
     (rf"up_proj|{_SEP}(w3|wi_1|wi|c_fc|fc1|w_up){_END}|{_FFN}/(up|fc_in){_END}", "mlp_up"),
     (rf"down_proj|{_SEP}(w2|fc2|w_down){_END}|{_FFN}/(wo|out|c_proj|down|fc_out|dense){_END}",

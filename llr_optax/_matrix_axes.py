@@ -161,13 +161,17 @@ def infer_matrix_axes(params: Any, labels: Any = None, layer_axis: int | None = 
   return jax.tree.map(lambda x, label: _axes_for(x.shape, label, layer_axis), params, label_tree)
 
 
+# Lookup tables and the output head go to Muon's AdamW (as in the Muon paper's recipe).
+_ADAM_LABELS = ("embed", "pos_embed", "head")
+
+
 def muon_dimension_numbers(params: Any, labels: Any = None, matrix_axes: Any = None) -> Any:
   """`optax.contrib.muon`'s `muon_weight_dimension_numbers` for a transformer's params.
 
   Hidden weight matrices (attention, MLP, router, experts and any other matrix leaf; stacked
   or scanned layers and experts as batch axes, each matrix orthogonalised separately) get a
-  `MuonDimensionNumbers`; embedding, head, norm scales, biases and leaves of rank < 2 get None,
-  i.e. Muon's own AdamW.
+  `MuonDimensionNumbers`; token and position embeddings, head, norm scales, biases and leaves of
+  rank < 2 get None, i.e. Muon's own AdamW.
 
   Args:
     params: the parameter pytree.
@@ -189,5 +193,5 @@ def muon_dimension_numbers(params: Any, labels: Any = None, matrix_axes: Any = N
   """
   label_tree = _labels.resolve_labels(labels, params)
   axes_tree = resolve_matrix_axes(matrix_axes, params, label_tree)
-  return jax.tree.map(lambda axes, label: None if label in ("embed", "head") else axes,
+  return jax.tree.map(lambda axes, label: None if label in _ADAM_LABELS else axes,
                       axes_tree, label_tree, is_leaf=is_axes_leaf)

@@ -41,6 +41,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", None),
     ("kv_heads", None),
     ("mlp", None),
+    # Stacked MoE expert kernels [E, ...] (models/moe.py): replicated here; a mesh rule
+    # may map "expert" onto a mesh axis (expert parallelism).
+    ("expert", None),
 )
 
 # LLaMa / GaLore initialise every matrix (and the embedding) from N(0, 0.02^2).
@@ -307,11 +310,17 @@ class LLaMa(nnx.Module):
                         _linear(config.hidden, config.vocab_size,
                                 ("embed", "vocab"), config, rngs))
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Returns float32 logits ``(B, T, vocab)`` for int tokens ``(B, T)``."""
+    def __call__(self, tokens: jax.Array, *, return_aux: bool = False):
+        """Returns float32 logits ``(B, T, vocab)`` for int tokens ``(B, T)``.
+
+        With ``return_aux`` it returns ``(logits, {})``: the calling convention every
+        model in ``models/`` shares (the MoE model fills the dict with its auxiliary
+        router losses), so a trainer can treat them alike.
+        """
         h = self.model(tokens)
         if self.lm_head is None:
             logits = self.model.embed_tokens.attend(h)
         else:
             logits = self.lm_head(h)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return (logits, {}) if return_aux else logits

@@ -92,3 +92,89 @@ def test_errors():
     llr_optax.init_grad_scales({"q_proj": jnp.ones(2)})
   with pytest.raises(ValueError, match="no leaves"):
     llr_optax.init_grad_scales([{}])
+
+
+def gpt2_like_params(d=256, vocab=512, ctx=128, stack_experts=False):
+  """GPT-2 key paths (tied: no head), with non-trivial values everywhere."""
+  fill = lambda shape, v: jnp.full(shape, v, jnp.float32)
+  p = {"wte": {"embedding": fill((vocab, d), 0.02)},
+       "wpe": {"embedding": fill((ctx, d), 0.02)},
+       "h": {"0": {"ln_1": {"scale": fill((d,), 3.0), "bias": fill((d,), 0.5)},
+                   "attn": {"c_attn": {"kernel": fill((d, 3 * d), 0.1),
+                                       "bias": fill((3 * d,), 0.5)},
+                            "c_proj": {"kernel": fill((d, d), 0.1), "bias": fill((d,), 0.5)}},
+                   "mlp": {"c_fc": {"kernel": fill((d, 4 * d), 0.1), "bias": fill((4 * d,), 0.5)},
+                           "c_proj": {"kernel": fill((4 * d, d), 0.1),
+                                      "bias": fill((d,), 0.5)}}}},
+       "ln_f": {"scale": fill((d,), 3.0), "bias": fill((d,), 0.5)}}
+  if stack_experts:
+    p["moe"] = {"experts": {"gate_proj": fill((4, d, 64), 0.1), "down_proj": fill((4, 64, d), 0.1)},
+                "router": {"kernel": fill((d, 4), 0.1)}}
+  return p
+
+
+def test_fan_in_init_paper_rule():
+  d = 256
+  params = gpt2_like_params(d, stack_experts=True)
+  out = llr_optax.fan_in_init(params, jax.random.key(0), rule="paper")
+  std = lambda x: float(jnp.std(x))
+  # Tied embedding/head: std (1 + sqrt(1/f_in)) / 2 with f_in = d = 256 -> 0.53125.
+  # 131k draws: the sample std is within 0.4% (1 sigma ~ 0.2%); we allow 1.5%.
+  np.testing.assert_allclose(std(out["wte"]["embedding"]), (1 + np.sqrt(1 / d)) / 2, rtol=0.015)
+  assert abs(float(jnp.mean(out["wte"]["embedding"]))) < 0.01
+  np.testing.assert_array_equal(np.asarray(out["wpe"]["embedding"]), 0.0)  # like a bias
+  block = out["h"]["0"]
+  np.testing.assert_allclose(std(block["attn"]["c_attn"]["kernel"]), 1 / np.sqrt(d), rtol=0.015)
+  np.testing.assert_allclose(std(block["attn"]["c_proj"]["kernel"]), 1 / np.sqrt(d), rtol=0.015)
+  np.testing.assert_allclose(std(block["mlp"]["c_fc"]["kernel"]), 1 / np.sqrt(d), rtol=0.015)
+  np.testing.assert_allclose(std(block["mlp"]["c_proj"]["kernel"]), 1 / np.sqrt(4 * d), rtol=0.015)
+  # Stacked experts: the fan-in of each expert matrix (its rows), not of the stack.
+  experts = out["moe"]["experts"]
+  np.testing.assert_allclose(std(experts["gate_proj"]), 1 / np.sqrt(d), rtol=0.015)
+  np.testing.assert_allclose(std(experts["down_proj"]), 1 / np.sqrt(64), rtol=0.015)
+  np.testing.assert_allclose(std(out["moe"]["router"]["kernel"]), 1 / np.sqrt(d), rtol=0.05)
+  for norm in (block["ln_1"], out["ln_f"]):
+    np.testing.assert_array_equal(np.asarray(norm["scale"]), 1.0)
+    np.testing.assert_array_equal(np.asarray(norm["bias"]), 0.0)
+  for layer in (block["attn"]["c_attn"], block["mlp"]["c_proj"]):
+    np.testing.assert_array_equal(np.asarray(layer["bias"]), 0.0)
+
+
+def test_fan_in_init_paper_rule_untied_and_explicit():
+  d = 256
+  params = gpt2_like_params(d)
+  params["lm_head"] = {"kernel": jnp.zeros((d, 512))}
+  out = llr_optax.fan_in_init(params, jax.random.key(1), rule="paper")
+  # Untied: the embedding gets unit variance, the head the fan-in init like any matrix.
+  np.testing.assert_allclose(float(jnp.std(out["wte"]["embedding"])), 1.0, rtol=0.015)
+  np.testing.assert_allclose(float(jnp.std(out["lm_head"]["kernel"])), 1 / np.sqrt(d), rtol=0.015)
+  # An explicit tied_embedding wins over the inference.
+  forced = llr_optax.fan_in_init(params, jax.random.key(1), rule="paper", tied_embedding=True)
+  np.testing.assert_allclose(float(jnp.std(forced["wte"]["embedding"])), (1 + 1 / 16) / 2,
+                             rtol=0.015)
+
+
+def test_fan_in_init_kernels_rule_keeps_embeddings_and_is_the_default():
+  params = gpt2_like_params(64, vocab=100, ctx=32)
+  default = llr_optax.fan_in_init(params, jax.random.key(2))
+  kernels = llr_optax.fan_in_init(params, jax.random.key(2), rule="kernels")
+  for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(kernels)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(kernels["wte"]["embedding"]), np.float32(0.02))
+  np.testing.assert_array_equal(np.asarray(kernels["wpe"]["embedding"]), np.float32(0.02))
+  np.testing.assert_array_equal(np.asarray(kernels["h"]["0"]["ln_1"]["bias"]), 0.0)
+  with pytest.raises(ValueError, match="rule"):
+    llr_optax.fan_in_init(params, jax.random.key(2), rule="fan_out")
+
+
+def test_fan_in_init_paper_rule_on_the_gpt2_model():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from models import GPT2, GPT2Config  # pylint: disable=import-outside-toplevel
+  cfg = GPT2Config(vocab_size=300, hidden=128, num_heads=4, num_layers=1, max_seq_len=64)
+  params = nnx.to_pure_dict(nnx.state(GPT2(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  out = llr_optax.fan_in_init(params, jax.random.key(0), rule="paper")
+  np.testing.assert_allclose(float(jnp.std(out["wte"]["embedding"])),
+                             (1 + np.sqrt(1 / 128)) / 2, rtol=0.02)  # 38k draws
+  np.testing.assert_array_equal(np.asarray(out["wpe"]["embedding"]), 0.0)
+  np.testing.assert_allclose(float(jnp.std(out["h"][0]["mlp"]["c_proj"]["kernel"])),
+                             1 / np.sqrt(512), rtol=0.02)

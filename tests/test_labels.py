@@ -45,7 +45,7 @@ CASES = [
     ("params/decoder/decoder_norm/scale", "norm"),
     # GPT-2 (HF)
     ("transformer/wte/weight", "embed"),
-    ("transformer/wpe/weight", "embed"),
+    ("transformer/wpe/weight", "pos_embed"),
     ("transformer/h/0/attn/c_attn/weight", "attn_qkv"),
     ("transformer/h/0/attn/c_proj/weight", "attn_o"),
     ("transformer/h/0/attn/c_proj/bias", "bias"),
@@ -53,6 +53,17 @@ CASES = [
     ("transformer/h/0/mlp/c_proj/weight", "mlp_down"),
     ("transformer/h/0/ln_1/weight", "norm"),
     ("transformer/ln_f/bias", "bias"),
+    # Our NNX GPT-2 (models/gpt2.py) and other position-embedding spellings
+    ("wte/embedding", "embed"),
+    ("wpe/embedding", "pos_embed"),
+    ("h/0/attn/c_attn/kernel", "attn_qkv"),
+    ("h/0/attn/c_attn/bias", "bias"),
+    ("h/0/mlp/c_proj/kernel", "mlp_down"),
+    ("bert/embeddings/position_embeddings/weight", "pos_embed"),
+    ("bert/embeddings/word_embeddings/weight", "embed"),
+    ("vit/pos_embed", "pos_embed"),
+    ("transformer/posembed_input/pos_embedding", "pos_embed"),
+    ("decoder/positional_embedding", "pos_embed"),
     # Gemma-style, and MoE (Mixtral / MaxText)
     ("embedder/input_embedding", "embed"),
     ("transformer/unembed/kernel", "head"),
@@ -60,6 +71,10 @@ CASES = [
     ("model/layers/1/block_sparse_moe/experts/3/w1/weight", "expert"),
     ("decoder/layers/moe/router/kernel", "router"),
     ("decoder/layers/moe/experts/wi_0", "expert"),
+    # Our NNX MoE LLaMa (models/moe.py)
+    ("model/layers/0/moe/router/kernel", "router"),
+    ("model/layers/0/moe/experts/gate_proj", "expert"),
+    ("model/layers/0/moe/experts/down_proj", "expert"),
     ("something/else", "other"),
 ]
 

@@ -44,9 +44,13 @@ from train import step
 from train.config import MESH_AXES, TrainConfig, parse_mesh
 
 # Logical dimension -> mesh axis under tensor parallelism (replacing the model's
-# data/FSDP-only rules for these names).
+# data/FSDP-only rules for these names). MoE experts ("expert", the leading axis of the
+# stacked expert kernels) are spread over the same axis: expert parallelism. An expert
+# kernel [expert, embed, mlp] then has "tensor" twice; fit_spec keeps the first (experts
+# split, each expert's mlp dimension whole) or, if the axis does not divide the number of
+# experts, gives it to the mlp dimension.
 _TENSOR_RULES = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
-                 ("vocab", "tensor"))
+                 ("vocab", "tensor"), ("expert", "tensor"))
 
 
 def initialize_distributed(force: bool = False) -> bool:
