@@ -47,7 +47,7 @@ def test_fan_in_init():
                       "input_norm": {"scale": jnp.full((64,), 7.0)},
                       "o_proj": {"bias": jnp.ones((64,))}},
             "lm_head": {"kernel": jnp.zeros((64, 100))}}
-  out = llr_optax.fan_in_init(params, jax.random.key(0))
+  out = llr_optax.fan_in_init(params, jax.random.key(0), rule="kernels")
   m = out["model"]
   # Sample std of 131k N(0, 1/fan_in) draws is within 1% of 1/sqrt(fan_in) (6 sigma ~ 1.2%).
   np.testing.assert_allclose(float(jnp.std(m["q_proj"]["kernel"])), 1 / np.sqrt(512), rtol=0.015)
@@ -154,11 +154,12 @@ def test_fan_in_init_paper_rule_untied_and_explicit():
                              rtol=0.015)
 
 
-def test_fan_in_init_kernels_rule_keeps_embeddings_and_is_the_default():
+def test_fan_in_init_kernels_rule_keeps_embeddings_and_paper_is_the_default():
   params = gpt2_like_params(64, vocab=100, ctx=32)
   default = llr_optax.fan_in_init(params, jax.random.key(2))
+  paper = llr_optax.fan_in_init(params, jax.random.key(2), rule="paper")
   kernels = llr_optax.fan_in_init(params, jax.random.key(2), rule="kernels")
-  for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(kernels)):
+  for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(paper)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(np.asarray(kernels["wte"]["embedding"]), np.float32(0.02))
   np.testing.assert_array_equal(np.asarray(kernels["wpe"]["embedding"]), np.float32(0.02))
