@@ -103,6 +103,14 @@ _MODEL_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as ONE line (argparse prints the usage first), status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {' '.join(message.split())} "
+                                   f"(see {self.prog} --help)\n")
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows the tiny preset's model shape next to each model flag. The model presets
     live with the model (importing it imports JAX), so they are read only when help is
@@ -125,7 +133,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m train`` argument parser."""
     tiny = config_lib.from_preset("tiny")
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m train", formatter_class=_HelpFormatter,
         usage="%(prog)s [--preset P] [--method M] [--optimizer O] [--config FILE] [--out DIR] "
               "[--resume] [settings ...]",
@@ -168,15 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
         "settings", "each overrides the preset's value (shown for --preset tiny)")
     for flag, field, kind, help_text in _FLAGS:
         shown = getattr(tiny, field)
-        group.add_argument(flag, type=kind, default=None, dest=field, metavar=field.upper(),
+        group.add_argument(flag, type=kind, default=argparse.SUPPRESS, dest=field,
+                           metavar=field.upper(),
                            help=f"{help_text} (tiny: {shown if shown != '' else 'unset'})")
     model = parser.add_argument_group(
         "model", "override the preset's model shape (model_overrides; shown for tiny)")
     for flag, field, kind, help_text in _MODEL_FLAGS:
-        model.add_argument(flag, type=kind, default=None, dest=field, metavar=field.upper(),
-                           help=help_text)
+        model.add_argument(flag, type=kind, default=argparse.SUPPRESS, dest=field,
+                           metavar=field.upper(), help=help_text)
     model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction,
-                       default=None, dest="tie_embeddings",
+                       default=argparse.SUPPRESS, dest="tie_embeddings",
                        help="output head reuses the token embedding")
     return parser
 
@@ -191,10 +200,11 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     for name in ("preset", "method", "optimizer", "out_dir", "progress", "tensorboard"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    values.update({field: getattr(args, field) for _, field, _, _ in _FLAGS
-                   if getattr(args, field) is not None})
-    model = {field: getattr(args, field) for field in config_lib.MODEL_OVERRIDE_FIELDS
-             if getattr(args, field, None) is not None}
+    # Absent flags are absent from args (SUPPRESS), so "--ramp-steps none" can set None.
+    given = vars(args)
+    values.update({field: given[field] for _, field, _, _ in _FLAGS if field in given})
+    model = {field: given[field] for field in config_lib.MODEL_OVERRIDE_FIELDS
+             if field in given}
     if model:
         overrides = values.get("model_overrides") or {}
         if not isinstance(overrides, dict):

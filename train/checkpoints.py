@@ -235,9 +235,12 @@ class Checkpoints:
         tree = restored.state
         prints, _ = fingerprint_and_finite(tree)
         expected = checksum.get("leaves", {})
-        for name, value in zip(_leaf_names(tree), _hex(prints)):
-            if expected.get(name) != value:
-                raise DamagedCheckpoint(f"{name} does not match its checksum")
+        names = _leaf_names(tree)
+        if sorted(expected) != sorted(names):
+            raise DamagedCheckpoint("its checksum lists other arrays than it holds")
+        for name, value in zip(names, _hex(prints)):
+            if expected[name] != value:
+                raise DamagedCheckpoint(f"{_readable(name, spec)} does not match its checksum")
         state = TrainState(jax.tree.leaves(tree["params"]), list(tree["opt"]))
         return state, it
 
@@ -281,8 +284,21 @@ def check_config(saved: Any, cfg: TrainConfig, step: int, directory: Path) -> No
             "a new run with another --out")
 
 
+def _readable(name: str, spec: StateSpec) -> str:
+    """``opt/<i>`` -> the optax path of the i-th optimizer-state leaf."""
+    if not name.startswith("opt/"):
+        return name
+    index = int(name.split("/")[1])
+    abstract = spec.opt_state(list(range(spec.opt_def.num_leaves)))
+    paths = [jax.tree_util.keystr(p, simple=True, separator="/")
+             for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+    return f"optimizer state {paths[index]}" if index < len(paths) else name
+
+
 def _one_line(e: BaseException, limit: int = 200) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
+    # TensorStore appends a dump of its internals; the first sentence says what failed.
+    text = text.split(" See full TensorStore details")[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

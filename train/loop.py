@@ -259,11 +259,19 @@ def _setup(cfg: TrainConfig, *, resume: bool, overwrite: bool,
 
 
 def _use_compilation_cache(directory: str) -> None:
-    """A persistent XLA compilation cache (every program, however quick to compile)."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(Path(directory).absolute()))
+    """A persistent XLA compilation cache (every program, however quick to compile).
+
+    JAX opens its cache directory once per process; a different directory asked for
+    later in the same process (a second ``train`` call) reopens it there.
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=import-outside-toplevel
+
+    path = str(Path(directory).absolute())
+    Path(path).mkdir(parents=True, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir != path:
+        cc.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # --------------------------------------------------------------------------------------

@@ -311,6 +311,8 @@ class ProfileWindow:
             jax.profiler.stop_trace()
             self.active = False
             if self.primary:
-                print(f"profile of updates {self.start + 1}-{self.stop} written to "
+                which = (f"update {self.stop}" if self.stop == self.start + 1
+                         else f"updates {self.start + 1}-{self.stop}")
+                print(f"profile of {which} written to "
                       f"{self.directory!r} (open with TensorBoard's profile plugin or "
                       "xprof)", flush=True)
