@@ -140,9 +140,11 @@ class Reporter:
         self.peak = peak_tflops(cfg)
         self.primary, self.tb = primary, tensorboard
         self.pending: tuple[int, dict] | None = None
-        # Whole run (without evals and checkpoints) and the window since the last record.
-        self.steps = self.seconds = self.wait_seconds = 0.0
-        self.window_steps, self.window_start = 0, time.perf_counter()
+        # Whole run (without evals and checkpoints) and the window since the last record;
+        # host time = CPU time of this (the main) thread: work, not waiting for the device.
+        self.steps = self.seconds = self.host_seconds = 0.0
+        self.window_steps = 0
+        self.window_start, self.window_cpu = time.perf_counter(), time.thread_time()
         self.interactive = (cfg.progress and primary and sys.stdout.isatty()
                             and sys.stderr.isatty())
         self.bar = None
@@ -173,20 +175,19 @@ class Reporter:
         self._close_window()
 
     def resume_timing(self) -> None:
-        self.window_start = time.perf_counter()
+        self.window_start, self.window_cpu = time.perf_counter(), time.thread_time()
 
     def _close_window(self) -> float:
         seconds = time.perf_counter() - self.window_start
         self.steps += self.window_steps
         self.seconds += seconds
+        self.host_seconds += time.thread_time() - self.window_cpu
         steps, self.window_steps = self.window_steps, 0
-        self.window_start = time.perf_counter()
+        self.resume_timing()
         return steps / seconds if steps and seconds > 0 else float("nan")
 
     def _report(self, count: int, metrics: dict) -> None:
-        t0 = time.perf_counter()
         host = jax.device_get(metrics)
-        self.wait_seconds += time.perf_counter() - t0
         self.window_steps += 1
         loss, c, cfg = float(host["loss"]), count - 1, self.cfg
         if not math.isfinite(loss):
@@ -266,9 +267,9 @@ class Reporter:
 
     def timing(self) -> dict:
         """``{"steps", "seconds", "host_seconds"}`` of the timed steps of this run
-        (host: not waiting for the device's results)."""
+        (host: CPU time of the loop's thread, i.e. its own work, not its waits)."""
         return {"steps": int(self.steps), "seconds": self.seconds,
-                "host_seconds": max(0.0, self.seconds - self.wait_seconds)}
+                "host_seconds": self.host_seconds}
 
     def close(self) -> None:
         if self.bar is not None:
@@ -307,7 +308,10 @@ class ProfileWindow:
 
     def finish(self, state: Any) -> None:
         if self.active:
-            jax.block_until_ready(state)  # the traced steps end inside the trace
+            try:
+                jax.block_until_ready(state)  # the traced steps end inside the trace
+            except Exception:  # pylint: disable=broad-except  (stopping on an error anyway)
+                pass
             jax.profiler.stop_trace()
             self.active = False
             if self.primary:
