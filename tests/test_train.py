@@ -21,6 +21,7 @@ from train import __main__ as cli
 from train import config as config_lib
 from train import data as data_lib
 from train import loop, optimizers, step
+from train import state as state_lib
 from train.config import TrainConfig
 
 # One block: compile time dominates every test, and one block has every kind of leaf.
@@ -110,7 +111,7 @@ def test_every_method_takes_three_jitted_steps(method, optimizer, corpus, tmp_pa
     losses = [float(step.train_step(model, optimizer_, next(it))["loss"]) for _ in range(3)]
     after = nnx.state(model, nnx.Param)
     assert all(math.isfinite(l) for l in losses), losses
-    assert bool(loop._all_finite(after))
+    assert bool(state_lib.all_finite(after))
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, after))
     assert all(moved), "every parameter should have been updated"
     assert int(optimizer_.step[...]) == 3

@@ -1,8 +1,8 @@
 """Command line: ``python -m train --preset tiny --method alpha_hill --out runs/x``.
 
-A preset fixes the model size and run settings that suit it; every other flag
-overrides one setting. Argument errors exit with status 2, a diverged run (NaN/Inf
-loss) with status 1 after keeping its last good checkpoint.
+A preset fixes the model size and run settings that suit it; ``--config FILE`` (JSON or
+YAML) overrides the preset, and every flag overrides both. Exit statuses: see
+:data:`EXIT_CODES` (printed by ``--help``).
 """
 
 from __future__ import annotations
@@ -14,13 +14,37 @@ from typing import Any
 
 from train import config as config_lib
 
+EXIT_CODES = """exit status:
+  0    finished (or stopped at --stop-after, with a checkpoint)
+  1    diverged: NaN/Inf loss or parameters; the last good checkpoint is kept
+       (Python also exits with 1 on an unexpected crash, with a traceback)
+  2    bad input, one line on stderr: a flag, --config file, --out, data, a resume
+       under a different config, no intact checkpoint to resume from
+  3    stopped by SIGTERM or SIGINT after saving a checkpoint; continue with --resume
+  130  interrupted before training started, or a second Ctrl-C while saving
+       (nothing saved by this invocation)"""
+EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_SIGNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+def _optional(kind):
+    """``kind``, or ``None`` for 'none' (fields whose default is 'unset')."""
+    def parse(text: str):
+        return None if text.strip().lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
 # (flag, TrainConfig field, type, help). Only flags given on the command line override
-# the preset, so each default shown in --help is the tiny preset's value.
+# the preset (and --config), so each default shown in --help is the tiny preset's value.
 _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--lr", "lr", float, "peak learning rate of the base schedule"),
-    ("--steps", "steps", int, "total optimizer steps"),
-    ("--batch-size", "batch_size", int, "training sequences per step"),
+    ("--steps", "steps", int, "total optimizer updates"),
+    ("--batch-size", "batch_size", int, "training sequences per micro-batch (per process)"),
+    ("--accumulate", "accumulate", int, "micro-batches averaged per update (gradient "
+                                        "accumulation, optax.MultiSteps)"),
     ("--seq-len", "seq_len", int, "tokens per sequence"),
+    ("--dtype", "dtype", str, "computation dtype, float32 or bfloat16 (params and "
+                              "optimizer state stay float32)"),
     ("--seed", "seed", int, "model-init and data-shuffle seed"),
     ("--warmup-fraction", "warmup_fraction", float, "linear warmup, fraction of steps"),
     ("--final-lr-fraction", "final_lr_fraction", float, "cosine ends at this fraction of lr"),
@@ -32,16 +56,19 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
                             "train.prepare, or a .txt/.jsonl/.parquet/.npy file or a "
                             "directory of them"),
     ("--tokenizer", "tokenizer", str, "byte or sentencepiece (trained on the training split)"),
-    ("--tokenizer-model", "tokenizer_model", str, "a pretrained SentencePiece .model or "
-                                                  "Hugging Face tokenizer.json"),
-    ("--vocab-size", "vocab_size", int, "sentencepiece vocabulary size; with "
-                                        "--tokenizer-model or a prepared corpus, the model's "
-                                        "vocabulary (>= the tokenizer's: padding)"),
+    ("--tokenizer-model", "tokenizer_model", _optional(str), "a pretrained SentencePiece .model "
+                                                             "or Hugging Face tokenizer.json"),
+    ("--vocab-size", "vocab_size", _optional(int), "sentencepiece vocabulary size; with "
+                                                   "--tokenizer-model or a prepared corpus, the "
+                                                   "model's vocabulary (>= the tokenizer's: "
+                                                   "padding)"),
     ("--val-fraction", "val_fraction", float, "fraction of documents for validation (a "
                                               "prepared corpus keeps its own split)"),
     ("--eval-every", "eval_every", int, "evaluate every N steps (and at the end)"),
-    ("--eval-batches", "eval_batches", int, "validation batches per eval (default: all)"),
-    ("--val-batch-size", "val_batch_size", int, "validation batch size"),
+    ("--eval-batches", "eval_batches", _optional(int),
+     "validation batches per eval ('none': all)"),
+    ("--val-batch-size", "val_batch_size", _optional(int),
+     "validation batch size ('none': --batch-size)"),
     ("--log-every", "log_every", int, "log the training loss every N steps"),
     ("--checkpoint-every", "checkpoint_every", int, "checkpoint every N steps (0: end only)"),
     ("--keep-checkpoints", "keep_checkpoints", int, "checkpoints kept on disk"),
@@ -49,7 +76,8 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--s-max", "s_max", float, "alpha_hill: largest LR factor (embedding, head; "
                                 "upper_bound's multiplier)"),
     ("--interval", "interval", int, "alpha_hill/tempbalance: steps between recomputes"),
-    ("--ramp-steps", "ramp_steps", int, "alpha_hill: soft-switch length"),
+    ("--ramp-steps", "ramp_steps", _optional(int), "alpha_hill: soft-switch length "
+                                                   "('none': interval // 2)"),
     ("--active-fraction", "active_fraction", float, "alpha_hill: recompute during this "
                                                     "fraction of the run"),
     ("--min-eigenvalues", "min_eigenvalues", int, "alpha methods: smaller matrices keep 1"),
@@ -60,36 +88,91 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
                             "(heads/MLP/vocab split), multiplying to the number of devices "
                             "of all processes; --batch-size is per process and the global "
                             "batch must divide over data x fsdp; may change on --resume"),
+    ("--profile", "profile", str, "START:N: a jax.profiler trace of updates START+1 .. "
+                                  "START+N into OUT/profile"),
+    ("--compilation-cache-dir", "compilation_cache_dir", str,
+     "persistent XLA compilation cache directory (a rerun of the same shapes skips "
+     "compiling)"),
+    ("--peak-tflops", "peak_tflops", _optional(float),
+     "peak dense TFLOP/s of one device, for the MFU (default: known GPUs/TPUs, bf16 data "
+     "sheet figures; none on CPU)"),
 )
+# Model shape overrides (model_overrides): (flag, LlamaConfig field, type, help).
+_MODEL_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--num-layers", "num_layers", int, "decoder blocks"),
+    ("--hidden", "hidden", int, "model width"),
+    ("--intermediate", "intermediate", int, "SwiGLU hidden width"),
+    ("--num-heads", "num_heads", int, "attention (query) heads"),
+    ("--num-kv-heads", "num_kv_heads", int, "key/value heads (grouped-query attention; "
+                                            "must divide --num-heads)"),
+    ("--rope-theta", "rope_theta", float, "RoPE base frequency"),
+    ("--norm-eps", "norm_eps", float, "RMSNorm epsilon"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as ONE line (argparse prints the usage first), status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {' '.join(message.split())} "
+                                   f"(see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows the tiny preset's model shape next to each model flag. The model presets
+    live with the model (importing it imports JAX), so they are read only when help is
+    printed."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.dest in config_lib.MODEL_OVERRIDE_FIELDS:
+            from models.presets import PRESETS  # pylint: disable=import-outside-toplevel
+            from models.llama import LlamaConfig  # pylint: disable=import-outside-toplevel
+
+            shape = {**{f: getattr(LlamaConfig, f, None) for f in ("rope_theta", "norm_eps",
+                                                                  "tie_embeddings")},
+                     **PRESETS["tiny"]}
+            shape.setdefault("num_kv_heads", shape["num_heads"])
+            text += f" (tiny: {shape.get(action.dest)})"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m train`` argument parser."""
     tiny = config_lib.from_preset("tiny")
-    parser = argparse.ArgumentParser(
-        prog="python -m train",
-        usage="%(prog)s [--preset P] [--method M] [--optimizer O] [--out DIR] [--resume] "
-              "[settings ...]",
+    parser = _Parser(
+        prog="python -m train", formatter_class=_HelpFormatter,
+        usage="%(prog)s [--preset P] [--method M] [--optimizer O] [--config FILE] [--out DIR] "
+              "[--resume] [settings ...]",
         description="Train a LLaMa language model with a layer-wise learning-rate method.",
         epilog="Example: python -m train --preset tiny --method alpha_hill --steps 300 "
-               "--out runs/alpha_hill\n",
+               "--out runs/alpha_hill\n\n" + EXIT_CODES,
     )
-    parser.add_argument("--preset", default="tiny", choices=list(config_lib.PRESETS),
+    parser.add_argument("--preset", default=None, choices=list(config_lib.PRESETS),
                         help="model size and matching run settings (default: tiny)")
-    parser.add_argument("--method", default="uniform", choices=config_lib.METHODS,
+    parser.add_argument("--method", default=None, choices=config_lib.METHODS,
                         help="layer-wise LR method (default: uniform)")
-    parser.add_argument("--optimizer", default="adamw", choices=config_lib.OPTIMIZERS,
+    parser.add_argument("--optimizer", default=None, choices=config_lib.OPTIMIZERS,
                         help="base optimizer (default: adamw; lars and lamb are their own "
                              "optimizer and need the default)")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="settings file, JSON or YAML (pyyaml): TrainConfig field names, "
+                             "e.g. {\"preset\": \"20m\", \"lr\": 0.001, \"model_overrides\": "
+                             "{\"num_layers\": 2}}; it overrides the preset, flags override it")
+    parser.add_argument("--out", default=None, dest="out_dir",
                         help="output directory (default: runs/<preset>_<method>_<optimizer>)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in --out")
+                        help="continue from the latest intact checkpoint in --out")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing run in --out")
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",
-                        help="stop (with a checkpoint) after N steps; resume later")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+                        help="stop (with a checkpoint) after N >= 1 steps; resume later")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar on a terminal (default: on; plain log lines "
+                             "when output is not a terminal or with --no-progress)")
+    parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                        help="also write TensorBoard events to OUT/tensorboard (needs "
+                             "tensorboardX: pip install -e '.[tensorboard]')")
     parser.add_argument("--distributed", action="store_true",
                         help="multi-process job: call jax.distributed.initialize(), which "
                              "detects SLURM/Open MPI/Kubernetes/Cloud TPU (also done, without "
@@ -100,18 +183,52 @@ def build_parser() -> argparse.ArgumentParser:
         "settings", "each overrides the preset's value (shown for --preset tiny)")
     for flag, field, kind, help_text in _FLAGS:
         shown = getattr(tiny, field)
-        group.add_argument(flag, type=kind, default=None, dest=field, metavar=field.upper(),
+        group.add_argument(flag, type=kind, default=argparse.SUPPRESS, dest=field,
+                           metavar=field.upper(),
                            help=f"{help_text} (tiny: {shown if shown != '' else 'unset'})")
+    model = parser.add_argument_group(
+        "model", "override the preset's model shape (model_overrides; shown for tiny)")
+    for flag, field, kind, help_text in _MODEL_FLAGS:
+        model.add_argument(flag, type=kind, default=argparse.SUPPRESS, dest=field,
+                           metavar=field.upper(), help=help_text)
+    model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction,
+                       default=argparse.SUPPRESS, dest="tie_embeddings",
+                       help="output head reuses the token embedding")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
-    """The ``TrainConfig`` described by parsed arguments (preset + overrides)."""
-    overrides = {field: getattr(args, field) for _, field, _, _ in _FLAGS
-                 if getattr(args, field) is not None}
-    out = args.out or f"runs/{args.preset}_{args.method}_{args.optimizer}"
-    return config_lib.from_preset(args.preset, method=args.method, optimizer=args.optimizer,
-                                  out_dir=out, progress=not args.no_progress, **overrides)
+    """The ``TrainConfig`` described by parsed arguments: preset < --config < flags.
+
+    Raises:
+      ValueError: A bad --config file or an invalid resulting config.
+    """
+    values = config_lib.load_config_file(args.config) if args.config else {}
+    for name in ("preset", "method", "optimizer", "out_dir", "progress", "tensorboard"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    # Absent flags are absent from args (SUPPRESS), so "--ramp-steps none" can set None.
+    given = vars(args)
+    values.update({field: given[field] for _, field, _, _ in _FLAGS if field in given})
+    model = {field: given[field] for field in config_lib.MODEL_OVERRIDE_FIELDS
+             if field in given}
+    if model:
+        overrides = values.get("model_overrides") or {}
+        if not isinstance(overrides, dict):
+            raise ValueError(f"model_overrides must be a mapping, got {overrides!r}")
+        values["model_overrides"] = {**overrides, **model}
+    preset = values.pop("preset", "tiny")
+    if preset not in config_lib.PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; expected one of: "
+                         f"{', '.join(config_lib.PRESETS)}")
+    values.setdefault("method", "uniform")
+    values.setdefault("optimizer", "adamw")
+    values.setdefault("out_dir", f"runs/{preset}_{values['method']}_{values['optimizer']}")
+    return config_lib.from_preset(preset, **values)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,11 +237,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
+    except (TypeError, ValueError) as e:
+        parser.error(_one_line(e))
+    if args.stop_after is not None and args.stop_after < 1:
+        parser.error(f"--stop-after must be >= 1, got {args.stop_after}")
     if cfg.data != "default" and not Path(cfg.data).exists():
         parser.error(f"--data {cfg.data!r} does not exist")
 
+    try:
+        return _run(cfg, args)
+    except KeyboardInterrupt:
+        print("interrupted; no checkpoint was written by this invocation", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(cfg: config_lib.TrainConfig, args: argparse.Namespace) -> int:
     # pylint: disable=import-outside-toplevel  (JAX is slow to import)
     from train import loop
     from train import mesh as mesh_lib
@@ -133,26 +260,30 @@ def main(argv: list[str] | None = None) -> int:
         # Before anything asks JAX for its devices (the data shard does).
         mesh_lib.initialize_distributed(force=args.distributed)
     except (RuntimeError, ValueError) as e:
-        print(f"error: jax.distributed.initialize() failed: {e}", file=sys.stderr)
-        return 2
+        print(f"error: jax.distributed.initialize() failed: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
         results = loop.train(cfg, resume=args.resume, overwrite=args.overwrite,
                              stop_after=args.stop_after)
     except loop.DivergedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    final = results["final"]
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # UserError is a ValueError
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    final, step = results["final"], results["step"]
     if final is not None:
         bpb = f", bits/byte {final['val_bpb']:.4f}" if final["val_bpb"] is not None else ""
-        print(f"step {results['step']}: val loss {final['val_loss']:.4f}, "
+        print(f"step {step}: val loss {final['val_loss']:.4f}, "
               f"perplexity {final['val_ppl']:.2f}{bpb}; metrics in {results['out_dir']}")
+    elif results["saved"] is None:
+        print(f"nothing to do: the run in {results['out_dir']} is already at step {step} "
+              f"(--stop-after {args.stop_after}); no checkpoint written")
     else:
-        print(f"stopped at step {results['step']} (checkpoint saved in {results['out_dir']}); "
-              "continue with --resume")
-    return 0
+        why = f"on {results['stopped']}" if results["stopped"] else "at --stop-after"
+        print(f"stopped at step {step}; continue with --resume ({why}; checkpoint saved "
+              f"in {results['out_dir']})", flush=True)
+    return EXIT_SIGNAL if results["stopped"] else 0
 
 
 if __name__ == "__main__":

@@ -33,12 +33,22 @@ ADAMW_ONLY_METHODS = STANDALONE_METHODS + ("alpha_decay",)
 # does not import JAX just to validate ``--preset``.
 MODEL_PRESETS = ("tiny", "20m", "60m", "130m", "350m", "1b")
 
+# Computation dtypes of the model (``--dtype``); parameters and optimizer state stay
+# float32 either way.
+DTYPES = ("float32", "bfloat16")
+# ``LlamaConfig`` fields a run may override (``model_overrides``, the model flags of the
+# CLI). ``vocab_size`` and ``max_seq_len`` come from the data and ``seq_len``; the
+# computation dtype is the ``dtype`` field.
+MODEL_OVERRIDE_FIELDS = ("hidden", "intermediate", "num_heads", "num_kv_heads", "num_layers",
+                         "rope_theta", "norm_eps", "tie_embeddings")
+
 # Fields that do not change the trajectory: they may differ when resuming.
 # tokenizer_model may move: the data fingerprint stored with every checkpoint checks the
 # tokenizer file's content (train/fingerprint.py).
 RESUMABLE_FIELDS = frozenset(
     {"out_dir", "log_every", "eval_every", "eval_batches", "val_batch_size",
-     "checkpoint_every", "keep_checkpoints", "progress", "mesh", "tokenizer_model"}
+     "checkpoint_every", "keep_checkpoints", "progress", "mesh", "tensorboard", "profile",
+     "compilation_cache_dir", "peak_tflops", "tokenizer_model"}
 )
 
 
@@ -86,12 +96,27 @@ class TrainConfig:
       min_eigenvalues: alpha_hill/tempbalance: smaller matrices keep factor 1.
       init_grad_batches: init_grad: minibatches ``T`` the gradient is averaged over.
       model_overrides: ``LlamaConfig`` fields that replace the preset's (e.g.
-        ``{"num_layers": 2}``); JSON scalars only.
-      progress: Show a tqdm progress bar.
+        ``{"num_layers": 2}``); keys from ``MODEL_OVERRIDE_FIELDS``, JSON scalars only.
+      dtype: Computation dtype of the model, ``"float32"`` or ``"bfloat16"``
+        (activations and matmuls; parameters, gradients and optimizer state stay
+        float32, the loss is taken on float32 logits).
+      accumulate: Gradient accumulation: each optimizer update averages the gradients
+        of this many batches of ``batch_size`` (``optax.MultiSteps``); ``steps`` counts
+        updates, so a run reads ``steps * accumulate`` batches.
+      progress: Show a tqdm progress bar (on a terminal; plain log lines otherwise).
       mesh: Device mesh layout, e.g. ``"data=2,fsdp=4"`` (axes from ``MESH_AXES``,
         the sizes multiply to the number of devices; missing axes have size 1), or
         ``""`` for the plain single-device step. The layout changes where numbers
         live, not which numbers are computed, so it may differ on resume.
+      tensorboard: Also write TensorBoard event files to ``out_dir/tensorboard``
+        (needs the optional ``tensorboardX`` package).
+      profile: ``"START:N"``: a ``jax.profiler`` trace of updates START+1 ... START+N
+        into ``out_dir/profile``; ``""`` for none.
+      compilation_cache_dir: A persistent XLA compilation cache directory (shared by
+        runs; a second run of the same shapes skips compiling); ``""`` for none.
+      peak_tflops: Peak dense TFLOP/s of ONE device, for the MFU column; ``None``
+        takes it from a table of known accelerators (``train.reporting``), and no MFU
+        is reported for devices not in it (e.g. CPUs).
     """
 
     preset: str = "tiny"
@@ -128,17 +153,24 @@ class TrainConfig:
     min_eigenvalues: int = 8
     init_grad_batches: int = 10
     model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    dtype: str = "float32"
+    accumulate: int = 1
     progress: bool = True
     mesh: str = ""
+    tensorboard: bool = False
+    profile: str = ""
+    compilation_cache_dir: str = ""
+    peak_tflops: float | None = None
 
     def __post_init__(self):
         _check_choice("preset", self.preset, MODEL_PRESETS)
         _check_choice("method", self.method, METHODS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("dtype", self.dtype, DTYPES)
         check_combination(self.method, self.optimizer)
         for name in ("steps", "batch_size", "seq_len", "eval_every", "log_every",
                      "interval", "min_eigenvalues", "init_grad_batches",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "accumulate"):
             _check_int(name, getattr(self, name), 1)
         _check_int("checkpoint_every", self.checkpoint_every, 0)
         _check_int("seed", self.seed, 0)
@@ -162,15 +194,32 @@ class TrainConfig:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
         if not 0.0 < self.active_fraction <= 1.0:
             raise ValueError(f"active_fraction must lie in (0, 1], got {self.active_fraction!r}")
+        if not isinstance(self.model_overrides, Mapping):
+            raise ValueError(f"model_overrides must be a mapping, got {self.model_overrides!r}")
         for key, value in dict(self.model_overrides).items():
+            if key not in MODEL_OVERRIDE_FIELDS:
+                raise ValueError(
+                    f"model_overrides: unknown model field {key!r}; expected one of: "
+                    f"{', '.join(MODEL_OVERRIDE_FIELDS)}")
             if not isinstance(value, (int, float, str, bool)):
                 raise ValueError(
                     f"model_overrides[{key!r}] must be a JSON scalar, got {value!r}")
         if self.tokenizer_model is not None and not isinstance(self.tokenizer_model, str):
             raise ValueError(f"tokenizer_model must be a path, got {self.tokenizer_model!r}")
-        if not isinstance(self.mesh, str):
-            raise ValueError(f"mesh must be a string like 'data=2,fsdp=4', got {self.mesh!r}")
+        for name in ("mesh", "profile", "compilation_cache_dir"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         parse_mesh(self.mesh)
+        parse_profile(self.profile)
+        if self.peak_tflops is not None and not (
+                isinstance(self.peak_tflops, (int, float)) and not isinstance(
+                    self.peak_tflops, bool)
+                and math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
+            raise ValueError(
+                f"peak_tflops must be a positive finite number, got {self.peak_tflops!r}")
+        for name in ("progress", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         # A plain dict keeps to_dict/from_dict symmetric (and JSON-friendly).
         object.__setattr__(self, "model_overrides", dict(self.model_overrides))
 
@@ -255,11 +304,33 @@ def parse_mesh(text: str) -> dict[str, int]:
                              f"{', '.join(MESH_AXES)}")
         if name in sizes:
             raise ValueError(f"Bad mesh {text!r}: axis {name!r} is given twice")
-        if not size.isdigit() or int(size) < 1:
+        # isascii: str.isdigit also accepts '²' and other digits int() refuses.
+        if not (size.isascii() and size.isdigit()) or int(size) < 1:
             raise ValueError(f"Bad mesh {text!r}: the size of {name!r} must be a positive "
                              f"integer, got {size!r}")
         sizes[name] = int(size)
     return {name: sizes.get(name, 1) for name in MESH_AXES}
+
+
+def parse_profile(text: str) -> tuple[int, int] | None:
+    """Parses a ``--profile START:N`` window.
+
+    Returns:
+      ``(start, n)``: trace updates ``start + 1`` ... ``start + n`` (``start`` >= 0
+      updates done before the trace starts, ``n`` >= 1), or ``None`` for ``""``.
+
+    Raises:
+      ValueError: Anything else.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    start, sep, count = (s.strip() for s in text.partition(":"))
+    if not (sep and start.isascii() and start.isdigit() and count.isascii()
+            and count.isdigit() and int(count) >= 1):
+        raise ValueError(f"Bad profile window {text!r}: expected START:N with integers "
+                         "START >= 0 and N >= 1, e.g. '10:5'")
+    return int(start), int(count)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -305,6 +376,59 @@ PRESETS: dict[str, dict[str, Any]] = {
                eval_every=2000, checkpoint_every=2000, interval=40, ramp_steps=20,
                s_max=3.0, min_eigenvalues=50),
 }
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """The settings of a ``--config`` file: a mapping of ``TrainConfig`` field names.
+
+    The CLI's per-invocation options (``--resume``, ``--overwrite``, ``--stop-after``,
+    ``--distributed``) are not settings and cannot be given in the file.
+
+    ``.json`` files are read with the standard library; ``.yaml``/``.yml`` need the
+    optional ``pyyaml``. The mapping may name a ``preset`` (its values are the base
+    the file's other keys override) and ``model_overrides`` (a mapping).
+
+    Raises:
+      ValueError: Unreadable file, bad syntax, not a mapping, an unknown key, or YAML
+        without pyyaml; every message is one line naming the file.
+    """
+    import json  # pylint: disable=import-outside-toplevel
+
+    suffix = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    if suffix not in ("json", "yaml", "yml"):
+        raise ValueError(f"--config {path!r}: expected a .json, .yaml or .yml file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path!r} cannot be read: {e}") from None
+    if suffix == "json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {path!r} is not valid JSON: {e}") from None
+    else:
+        try:
+            import yaml  # pylint: disable=import-outside-toplevel
+        except ImportError:
+            raise ValueError(f"--config {path!r}: reading YAML needs pyyaml "
+                             "(pip install pyyaml), or give the settings as JSON") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path!r} is not valid YAML: "
+                             f"{' '.join(str(e).split())}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path!r} must hold a mapping of settings, got "
+                         f"{type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(str(k) for k in values if k not in known)
+    if unknown:
+        raise ValueError(f"--config {path!r}: unknown setting(s) {', '.join(unknown)}; "
+                         "keys are TrainConfig field names (see python -m train --help)")
+    return values
 
 
 def from_preset(name: str, **overrides: Any) -> TrainConfig:

@@ -3,10 +3,13 @@
 :func:`train` runs one :class:`~train.config.TrainConfig` and returns a results dict.
 Everything it records goes to ``out_dir``:
 
-* ``metrics.jsonl``, one JSON object per line, with a ``kind``:
+* ``metrics.jsonl``, one JSON object per line (non-finite numbers as ``null``), with
+  a ``kind``:
 
   - ``train``: ``step`` (updates done), ``loss`` (of the batch of that update,
-    before it), ``grad_norm`` (raw), ``lr`` (base schedule), ``tokens_per_sec``;
+    before it; with accumulation the mean over its micro-batches), ``grad_norm``
+    (raw), ``lr`` (base schedule), ``tokens_per_sec``, and ``mfu`` where the peak
+    FLOP/s is known (see :mod:`train.reporting`);
   - ``eval``: ``step``, ``val_loss``, ``val_ppl``, ``val_bpb`` (``None`` for a
     partial pass or pre-tokenised data), ``val_tokens``;
   - ``alpha`` (alpha_hill, tempbalance; at every recompute): ``step`` = the update
@@ -16,29 +19,33 @@ Everything it records goes to ``out_dir``:
     every update while alpha_hill may still ramp, then every ``log_every`` updates;
   - ``diverged``: ``step`` and ``loss`` when training stopped on a NaN/Inf.
 
-* ``checkpoints/<step>/``: orbax checkpoints of params + optimizer state
-  (``state``), the grain iterator position (``data``), the config (``config``) and
-  what the data is, by content (``data_fingerprint``, see :mod:`train.fingerprint`).
-* ``config.json``: the config, for people.
+* ``checkpoints/<step>/``: verified orbax checkpoints (see :mod:`train.checkpoints`),
+  including what the data is, by content (:mod:`train.fingerprint`).
+* ``config.json``: the config, for people. ``tensorboard/``, ``profile/``: on request.
+
+The step is dispatched first and the previous step's metrics are read afterwards, so
+the host never waits for the device between steps; a NaN loss is caught one step
+late, and the parameters are checked for NaN/Inf before every checkpoint, so none
+reaches one. SIGTERM/SIGINT finish the current step, save, and stop.
 
 With ``cfg.mesh`` (e.g. ``"data=2,fsdp=4"``) the same loop runs on a device mesh: the
 model is created sharded along its logical annotations, the optimizer state follows the
-parameters, every batch is assembled from the processes' local rows, and the jitted step
-keeps that layout (see :mod:`train.mesh`). In a multi-process job only process 0 writes
-``metrics.jsonl`` and ``config.json``; all processes write their shards of the
+parameters, every batch is assembled from the processes' local rows, and the compiled
+step keeps that layout (see :mod:`train.mesh`). In a multi-process job only process 0
+writes ``metrics.jsonl`` and ``config.json``; all processes write their shards of the
 checkpoints.
 
-``--resume`` restores the latest checkpoint (refusing one written under a different
-config or on other data) and continues the exact trajectory: same parameters, optimizer state, data
-position and step count; metrics recorded after that checkpoint are dropped.
+``--resume`` restores the latest intact checkpoint (refusing one written under a
+different config or on other data, compared by content: see :mod:`train.fingerprint`) and
+continues the exact trajectory: same parameters, optimizer state, data position and step
+count; metrics recorded after that checkpoint are dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -46,44 +53,289 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-import llr_optax
 from models import LLaMa, llama_config
 from train import data as data_lib
-from train import fingerprint, optimizers, step
+from train import optimizers, rundir, state as state_lib, step
+from train.checkpoints import Checkpoints, ConfigMismatchError, _sync
 from train.config import TrainConfig
+from train.errors import UserError
 from train.mesh import MeshLayout
+from train.metrics_log import FactorReport, MetricsLog, read_metrics, truncate_metrics
+from train.reporting import (ALPHA_METHODS, DivergedError, ProfileWindow, Reporter,
+                             TensorBoard, _Diverged)
+from train.signals import StopOnSignal
 
-ALPHA_METHODS = ("alpha_hill", "tempbalance")
-_NOT_LOGGED_LABELS = ("norm", "bias")  # their factor is always 1 under alpha methods
+__all__ = ["train", "DivergedError", "ConfigMismatchError", "read_metrics", "data_config",
+           "build_model", "measure_init_scales", "evaluate"]
+
 # The init_grad measuring batches come from their own shuffle of the training split, so
 # measuring consumes nothing from the training iterator (the data order is the same for
 # every method).
 _INIT_GRAD_SEED_OFFSET = 0x1D17
 
 
-class DivergedError(RuntimeError):
-    """Training produced a NaN/Inf loss (or parameters); the run stopped.
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          stop_after: int | None = None, data: data_lib.Data | None = None) -> dict:
+    """Trains one run; see the module docstring for what is written to ``out_dir``.
 
-    Attributes:
-      step: The update whose loss (or resulting parameters) was not finite.
-      last_checkpoint: The latest (good) checkpoint step kept on disk, or ``None``.
+    Args:
+      cfg: The run configuration.
+      resume: Continue from the latest intact checkpoint in ``cfg.out_dir`` (start
+        fresh if there is none).
+      overwrite: Delete an existing run in ``cfg.out_dir`` instead of refusing to start.
+      stop_after: Stop (with a checkpoint) once this many updates are done (>= 1), e.g.
+        to split a run over several jobs; a later ``resume=True`` call continues it.
+      data: Already built data for ``data_config(cfg)`` (saves re-reading the corpus
+        when several runs share it, as in ``train.compare``).
+
+    A multi-process job must call :func:`train.mesh.initialize_distributed` first (the
+    CLI does) and give ``cfg.mesh``.
+
+    Returns:
+      ``{"config", "out_dir", "step" (updates done), "final" (the eval record at
+      ``cfg.steps``; ``None`` when stopped early), "evals", "train", "alphas",
+      "scales", "tokens_per_sec", "wall_seconds", "saved" (the checkpoint step this
+      call wrote last, or ``None``), "stopped" (``"SIGTERM"``/``"SIGINT"``/
+      ``"preemption"`` when a signal stopped it, else ``None``), "timing" (``steps``,
+      ``seconds``, ``host_seconds`` of the timed steps), "flops_per_step"}``.
+
+    Raises:
+      DivergedError: The loss (or the parameters) became NaN/Inf; the last good
+        checkpoint is kept.
+      ConfigMismatchError: ``resume`` with a checkpoint of a different configuration.
+      FileExistsError: ``cfg.out_dir`` holds a run and neither ``resume`` nor
+        ``overwrite`` is set.
+      UserError: An unusable ``out_dir``, no intact checkpoint to resume from, an
+        empty validation split, ``--tensorboard`` without tensorboardX.
+      FileNotFoundError, ValueError: Bad data path or settings (from the data module),
+        a mesh that does not fit the devices or batch size, or several processes
+        without a mesh.
     """
-
-    def __init__(self, message: str, step: int, last_checkpoint: int | None):
-        super().__init__(message)
-        self.step = step
-        self.last_checkpoint = last_checkpoint
-
-
-class ConfigMismatchError(ValueError):
-    """A checkpoint was written by a run with a different trajectory-relevant config."""
+    wall_start = time.perf_counter()
+    run = _setup(cfg, resume=resume, overwrite=overwrite, data=data)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    count, state, saved, stopped = run.start, run.state, None, None
+    rep = run.reporter
+    try:
+        with StopOnSignal() as signals:
+            while count < end:
+                run.profile.before_step(count)
+                state, metrics = run.step(state, run.next_batch())  # runs on, async
+                count += 1
+                rep.advanced()
+                rep.push(count, metrics)  # reads the PREVIOUS step's metrics
+                run.profile.after_step(count, state)
+                stopped = signals.requested or (
+                    "preemption" if run.ckpt.reached_preemption(count) else None)
+                if count % cfg.eval_every == 0 or count == cfg.steps:
+                    _evaluate(run, state, count)
+                if stopped or count == end or (
+                        cfg.checkpoint_every and count % cfg.checkpoint_every == 0):
+                    saved = _save(run, state, count)
+                if stopped:
+                    break
+            rep.flush()
+    except _Diverged as e:
+        raise DivergedError(_diverged_message(e.what, cfg, run.last_saved, run.ckpt),
+                            e.step, run.last_saved) from None
+    finally:
+        run.profile.finish(state if count > run.start else None)
+        rep.close()
+        run.log.close()
+        run.ckpt.close()
+    return _results(run, count, saved, stopped, time.perf_counter() - wall_start)
 
 
 # --------------------------------------------------------------------------------------
-# Building blocks
+# Setup
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything the loop works with (built by :func:`_setup`)."""
+
+    cfg: TrainConfig
+    out: Path
+    data: data_lib.Data
+    layout: MeshLayout | None
+    spec: state_lib.StateSpec
+    tx: Any
+    state: state_lib.TrainState
+    start: int
+    train_iter: Any
+    ckpt: Checkpoints
+    log: MetricsLog
+    reporter: Reporter
+    profile: ProfileWindow
+    factors: FactorReport | None
+    last_saved: int | None
+    eval_fn: Any = None
+    compiled: Any = None
+    flops: float | None = None
+
+    def next_batch(self) -> dict:
+        """The next update's batch (``accumulate`` micro-batches stacked), placed."""
+        n = self.cfg.accumulate
+        batch = next(self.train_iter) if n == 1 else state_lib.stack_batches(
+            [next(self.train_iter) for _ in range(n)])
+        if self.layout is not None:
+            batch = self.layout.place_batch(batch, leading=int(n > 1))
+        return batch
+
+    def step(self, state: state_lib.TrainState, batch: dict):
+        """The compiled step (compiled at the first call, for its shapes)."""
+        if self.compiled is None:
+            self.compiled, self.flops = state_lib.compile_step(
+                self.spec, self.tx, state, batch, accumulate=self.cfg.accumulate,
+                extra_metrics=self.factors.pack if self.factors else None,
+                layout=self.layout)
+            self.reporter.flops = self.flops
+            self.reporter.resume_timing()  # compiling is not training time
+        return self.compiled(state, batch)
+
+
+def _setup(cfg: TrainConfig, *, resume: bool, overwrite: bool,
+           data: data_lib.Data | None) -> _Run:
+    # Checked before the (slow) data build: a layout or directory that cannot work
+    # fails at once.
+    layout = MeshLayout.from_config(cfg) if cfg.mesh else None
+    if layout is None and jax.process_count() > 1:
+        raise ValueError(
+            f"{jax.process_count()} processes need a device mesh spanning them: pass "
+            f"--mesh (e.g. data={jax.device_count()})")
+    primary = jax.process_index() == 0  # the one process that writes metrics
+    out = Path(cfg.out_dir)
+    rundir.check_out_dir(out, resume=resume, overwrite=overwrite)
+    if cfg.compilation_cache_dir:
+        _use_compilation_cache(cfg.compilation_cache_dir)
+    if overwrite and not resume and primary:
+        rundir.clear_run(out)
+    _sync("overwrite")
+
+    if data is None:
+        data = data_lib.build_data(data_config(cfg))
+    elif data.config != data_config(cfg):
+        raise ValueError("data= was built for a different data configuration")
+    if data.num_val_batches == 0:
+        raise UserError(f"the validation split is empty (val_fraction={cfg.val_fraction}); "
+                        "use a --val-fraction that leaves it at least one token")
+    model = build_model(cfg, data.vocab_size, layout)
+    init_scales = (measure_init_scales(cfg, model, data, layout)
+                   if cfg.method == "init_grad" else None)
+    tx = optimizers.build_optimizer(cfg, init_scales=init_scales)
+    spec, state = state_lib.init_state(model, tx, layout)
+    del model  # the state lists own the arrays from here on
+
+    ckpt = Checkpoints(out, cfg.keep_checkpoints, primary)
+    start, train_iter = 0, None
+    if resume:
+        restored = ckpt.restore_latest(cfg, spec, state, data.train_iter, data.fingerprint)
+        if restored is None:
+            print(f"No checkpoint in {str(ckpt.directory)!r}: starting from step 0.")
+        else:
+            start, state, train_iter = restored
+        if primary:
+            truncate_metrics(out / "metrics.jsonl", start)
+    train_iter = train_iter or data.train_iter()
+    if primary:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    log = MetricsLog(out / "metrics.jsonl", enabled=primary)
+    factors = (FactorReport(spec.opt_state(state.opt), alphas=True)
+               if cfg.method in ALPHA_METHODS else None)
+    schedule = optimizers.base_schedule(cfg)
+    lrs = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(cfg.steps)))
+    reporter = Reporter(
+        cfg, log, start=start,
+        tokens_per_step=cfg.batch_size * cfg.seq_len * cfg.accumulate * data.shard_count,
+        flops_per_step=None, lrs=lrs, factors=factors, primary=primary,
+        tensorboard=TensorBoard(out, start) if cfg.tensorboard and primary else None)
+    return _Run(cfg=cfg, out=out, data=data, layout=layout, spec=spec, tx=tx, state=state,
+                start=start, train_iter=train_iter, ckpt=ckpt, log=log, reporter=reporter,
+                profile=ProfileWindow(cfg, out, primary), factors=factors,
+                last_saved=start if resume and start else None,
+                eval_fn=state_lib.make_eval(spec))
+
+
+def _use_compilation_cache(directory: str) -> None:
+    """A persistent XLA compilation cache (every program, however quick to compile).
+
+    JAX opens its cache directory once per process; a different directory asked for
+    later in the same process (a second ``train`` call) reopens it there.
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=import-outside-toplevel
+
+    path = str(Path(directory).absolute())
+    Path(path).mkdir(parents=True, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir != path:
+        cc.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+# --------------------------------------------------------------------------------------
+# What the loop calls
+# --------------------------------------------------------------------------------------
+
+
+def _evaluate(run: _Run, state: state_lib.TrainState, count: int) -> None:
+    run.reporter.pause()  # reads the pending metrics: a NaN is reported first
+    record = {"kind": "eval", "step": count,
+              **evaluate_params(run.eval_fn, state.params, run.data, run.cfg.eval_batches,
+                                run.layout)}
+    run.reporter.eval_record(record)
+    run.reporter.resume_timing()
+
+
+def _save(run: _Run, state: state_lib.TrainState, count: int) -> int:
+    run.reporter.pause()  # a NaN loss of the last step stops the run before saving
+    if not run.ckpt.save(count, run.spec, state, run.train_iter, run.cfg, run.data.fingerprint):
+        run.log.write({"kind": "diverged", "step": count, "loss": "non-finite params"})
+        raise _Diverged(f"the parameters are not finite after step {count}", count)
+    run.last_saved = count
+    run.reporter.resume_timing()
+    return count
+
+
+def _diverged_message(what: str, cfg: TrainConfig, last_saved: int | None,
+                      ckpt: Checkpoints) -> str:
+    kept = (f"the last good checkpoint (step {last_saved}) is kept in "
+            f"{str(ckpt.directory)!r}" if last_saved is not None
+            else "no checkpoint had been saved yet")
+    return (f"Training diverged: {what} ({cfg.method}/{cfg.optimizer}, lr={cfg.lr:g}). "
+            f"Stopped; {kept}. Try a smaller --lr.")
+
+
+def _results(run: _Run, count: int, saved: int | None, stopped: str | None,
+             wall_seconds: float) -> dict:
+    records = read_metrics(run.out / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    finished = count == run.cfg.steps and evals and evals[-1]["step"] == count
+    timing = run.reporter.timing()
+    tokens = run.reporter.tokens_per_step * timing["steps"]
+    return {
+        "config": run.cfg.to_dict(),
+        "out_dir": str(run.out),
+        "step": count,
+        "final": evals[-1] if finished else None,
+        "evals": evals,
+        "train": [r for r in records if r["kind"] == "train"],
+        "alphas": [r for r in records if r["kind"] == "alpha"],
+        "scales": [r for r in records if r["kind"] == "scale"],
+        "tokens_per_sec": tokens / timing["seconds"] if timing["seconds"] else None,
+        "wall_seconds": wall_seconds,
+        "saved": saved,
+        "stopped": stopped,
+        "timing": timing,
+        "flops_per_step": run.flops,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Building blocks (also used by tests, benchmarks and notebooks)
 # --------------------------------------------------------------------------------------
 
 
@@ -97,11 +349,13 @@ def data_config(cfg: TrainConfig) -> data_lib.DataConfig:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, layout: MeshLayout | None = None) -> LLaMa:
-    """The LLaMa of ``cfg.preset`` (plus ``model_overrides``), initialised from ``seed``.
+    """The LLaMa of ``cfg.preset`` (plus ``model_overrides`` and ``dtype``), initialised
+    from ``seed``; parameters are float32 whatever the computation dtype.
 
     With a ``layout`` it is created directly sharded on its mesh.
     """
-    model_cfg = llama_config(cfg.preset, vocab_size, cfg.seq_len, **cfg.model_overrides)
+    model_cfg = llama_config(cfg.preset, vocab_size, cfg.seq_len, dtype=jnp.dtype(cfg.dtype),
+                             param_dtype=jnp.float32, **cfg.model_overrides)
     if layout is not None:
         return layout.create(lambda: LLaMa(model_cfg, rngs=nnx.Rngs(cfg.seed)))
     return LLaMa(model_cfg, rngs=nnx.Rngs(cfg.seed))
@@ -123,387 +377,38 @@ def measure_init_scales(cfg: TrainConfig, model: nnx.Module, data: data_lib.Data
 
 def evaluate(model: nnx.Module, data: data_lib.Data, max_batches: int | None = None,
              layout: MeshLayout | None = None) -> dict:
+    """Validation loss, perplexity and bits per byte of a model object (full pass unless
+    ``max_batches``); see :func:`evaluate_params`."""
+    return evaluate_params(lambda _, batch: step.eval_step(model, batch), None, data,
+                           max_batches, layout)
+
+
+def evaluate_params(eval_fn: Any, params: Any, data: data_lib.Data,
+                    max_batches: int | None = None, layout: MeshLayout | None = None) -> dict:
     """Validation loss, perplexity and bits per byte (full pass unless ``max_batches``).
 
-    With a ``layout`` the batches are placed on its mesh (every process passes over its
-    shard of the split; the sums are global).
+    Args:
+      eval_fn: ``(params, batch) -> (summed loss, scored tokens)``.
+      params: What ``eval_fn`` takes as parameters.
+      data: The data (its validation split).
+      max_batches: Stop after this many batches.
+      layout: Place the batches on its mesh (every process passes over its shard of
+        the split; the sums are global).
     """
     total, count, n = jnp.zeros([]), jnp.zeros([]), 0
     batches = data.val_batches()
     if layout is not None:
         batches = layout.place_batches(batches)
     for n, batch in enumerate(batches, start=1):
-        s, c = step.eval_step(model, batch)
+        s, c = eval_fn(params, batch)
         total, count = total + s, count + c  # stays on device: one sync per pass
         if max_batches is not None and n >= max_batches:
             break
     total, count = float(total), float(count)
     if count == 0:
-        raise ValueError("The validation split is empty: increase val_fraction")
+        raise UserError("The validation split is empty: increase val_fraction")
     full = max_batches is None or n >= data.num_val_batches
     loss = total / count
     bpb = data.bits_per_byte(total) if (full and data.val_bytes) else None
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_bpb": bpb,
             "val_tokens": int(count)}
-
-
-def _sync(name: str) -> None:
-    """Waits for all processes (no-op in a single-process run)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-        multihost_utils.sync_global_devices(f"train:{name}")
-
-
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def _path(path: tuple) -> str:
-    s = jax.tree_util.keystr(path, simple=True, separator="/")
-    return s[: -len("/value")] if s.endswith("/value") else s
-
-
-def _per_leaf(tree: Any) -> dict[str, Any]:
-    """``{param path: float or list}`` for every leaf except norms and biases."""
-    labels = jax.tree.leaves(llr_optax.label_params(tree))
-    out = {}
-    for (path, leaf), label in zip(jax.tree_util.tree_flatten_with_path(tree)[0], labels):
-        if label in _NOT_LOGGED_LABELS:
-            continue
-        v = np.asarray(leaf, np.float64).ravel()
-        v = [None if not np.isfinite(x) else float(x) for x in v]
-        out[_path(path)] = v[0] if len(v) == 1 else v
-    return out
-
-
-def _recompute_due(cfg: TrainConfig, count: int) -> bool:
-    """Whether update ``count`` (0-based) recomputes alphas, as in scale_by_alpha_hill."""
-    if cfg.method not in ALPHA_METHODS or count % cfg.interval:
-        return False
-    return cfg.method == "tempbalance" or count < math.ceil(cfg.active_fraction * cfg.steps)
-
-
-def _ramping(cfg: TrainConfig, count: int) -> bool:
-    """Whether alpha_hill's factors may still move at update ``count`` (log every step)."""
-    if cfg.method != "alpha_hill":
-        return False
-    ramp = cfg.interval // 2 if cfg.ramp_steps is None else cfg.ramp_steps
-    return count <= math.ceil(cfg.active_fraction * cfg.steps) + ramp
-
-
-# --------------------------------------------------------------------------------------
-# Metrics file
-# --------------------------------------------------------------------------------------
-
-
-class MetricsLog:
-    """Appends JSON records to ``path`` (flushed per record, so a crash loses nothing).
-
-    ``enabled=False`` writes nothing (the processes other than 0 of a multi-process job).
-    """
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path = path
-        self._f = None
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = path.open("a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        if self._f is not None:
-            self._f.write(json.dumps(record) + "\n")
-            self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """All records of a ``metrics.jsonl`` file (empty if it does not exist)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops records written after checkpoint ``step`` (they will be recomputed)."""
-    def keep(r):
-        # alpha/scale records use the 0-based update count, the others updates done.
-        return r["step"] < step if r["kind"] in ("alpha", "scale") else r["step"] <= step
-    records = [r for r in read_metrics(path) if keep(r)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-
-
-# --------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------
-
-
-def _checkpoint_manager(out_dir: Path, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager((out_dir / "checkpoints").absolute(), options=options)
-
-
-def _train_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
-    # Pure nested dicts of arrays: orbax never sees NNX objects.
-    return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-            "opt": nnx.to_pure_dict(nnx.state(optimizer))}
-
-
-def _save(mngr, count, model, optimizer, train_iter, cfg, data) -> None:
-    mngr.save(count, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_train_state(model, optimizer)),
-        data=data_lib.save_iterator_args(train_iter),
-        config=ocp.args.JsonSave(cfg.to_dict()),
-        data_fingerprint=ocp.args.JsonSave(data.fingerprint)))
-
-
-def _check_saved_data(mngr, count: int, data: data_lib.Data) -> None:
-    """Refuses a checkpoint trained on other data (corpus or tokenizer, by content)."""
-    if not (Path(mngr.directory) / str(count) / "data_fingerprint").exists():
-        print(f"warning: checkpoint {count} in {mngr.directory} records no data fingerprint "
-              "(an older version wrote it): cannot check that it was trained on this data")
-        return
-    saved = mngr.restore(
-        count, args=ocp.args.Composite(data_fingerprint=ocp.args.JsonRestore())).data_fingerprint
-    change = fingerprint.data_change(saved, data.fingerprint)
-    if change is not None:
-        raise ConfigMismatchError(
-            f"Cannot resume from step {count} in {mngr.directory}: the checkpoint was "
-            f"trained on other data: {change}. Resume with the same --data and tokenizer, "
-            "or start a new run with another --out.")
-
-
-def _check_saved_config(mngr, count: int, cfg: TrainConfig) -> None:
-    saved = mngr.restore(count, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-    try:
-        diff = cfg.trajectory_diff(TrainConfig.from_dict(saved))
-    except (TypeError, ValueError) as e:
-        raise ConfigMismatchError(
-            f"Cannot resume from step {count} in {mngr.directory}: its config is not "
-            f"readable by this version ({e})") from e
-    if diff:
-        lines = "\n".join(f"  {k}: checkpoint has {b!r}, this run has {a!r}"
-                          for k, (a, b) in sorted(diff.items()))
-        raise ConfigMismatchError(
-            f"Cannot resume from step {count} in {mngr.directory}: the checkpoint was "
-            f"written with a different configuration:\n{lines}\n"
-            "Resume with the same settings, or start a new run with another --out.")
-
-
-def _restore(mngr, count, model, optimizer, train_iter) -> None:
-    target = _train_state(model, optimizer)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = mngr.restore(count, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=data_lib.restore_iterator_args(train_iter)))
-    for obj, pure, wrt in ((model, restored.state["params"], nnx.Param),
-                           (optimizer, restored.state["opt"], ...)):
-        state = nnx.state(obj, wrt)
-        nnx.replace_by_pure_dict(state, pure)
-        nnx.update(obj, state)
-
-
-# --------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------
-
-
-def _progress(cfg: TrainConfig, initial: int, enabled: bool = True):
-    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-
-    return tqdm(total=cfg.steps, initial=initial, disable=not (cfg.progress and enabled),
-                unit="step",
-                desc=f"{cfg.method}/{cfg.optimizer} seed {cfg.seed}", dynamic_ncols=True,
-                leave=True)
-
-
-def _diverged_message(what: str, cfg: TrainConfig, last_saved: int | None,
-                      ckpt_dir: Path) -> str:
-    kept = (f"the last good checkpoint (step {last_saved}) is kept in {str(ckpt_dir)!r}"
-            if last_saved is not None else "no checkpoint had been saved yet")
-    return (f"Training diverged: {what} ({cfg.method}/{cfg.optimizer}, lr={cfg.lr:g}). "
-            f"Stopped; {kept}. Try a smaller --lr.")
-
-
-def train(
-    cfg: TrainConfig,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    stop_after: int | None = None,
-    data: data_lib.Data | None = None,
-) -> dict:
-    """Trains one run; see the module docstring for what is written to ``out_dir``.
-
-    Args:
-      cfg: The run configuration.
-      resume: Continue from the latest checkpoint in ``cfg.out_dir`` (start fresh if
-        there is none).
-      overwrite: Delete an existing run in ``cfg.out_dir`` instead of refusing to start.
-      stop_after: Stop (with a checkpoint) once this many updates are done, e.g. to
-        split a run over several jobs; a later ``resume=True`` call continues it.
-      data: Already built data for ``data_config(cfg)`` (saves re-reading the corpus
-        when several runs share it, as in ``train.compare``).
-
-    A multi-process job must call :func:`train.mesh.initialize_distributed` first (the
-    CLI does) and give ``cfg.mesh``.
-
-    Returns:
-      ``{"config", "out_dir", "step", "final" (the eval record at ``cfg.steps``; ``None``
-      when stopped early), "evals", "train",
-      "alphas", "scales", "tokens_per_sec", "wall_seconds"}``.
-
-    Raises:
-      DivergedError: The loss (or the parameters) became NaN/Inf; the last good
-        checkpoint is kept.
-      ConfigMismatchError: ``resume`` with a checkpoint of a different configuration.
-      FileExistsError: ``cfg.out_dir`` holds a run and neither ``resume`` nor
-        ``overwrite`` is set.
-      FileNotFoundError, ValueError: Bad data path or settings (from the data module),
-        a mesh that does not fit the devices or batch size, or several processes
-        without a mesh.
-    """
-    wall_start = time.perf_counter()
-    # Checked before the (slow) data build: a layout that cannot work fails at once.
-    layout = MeshLayout.from_config(cfg) if cfg.mesh else None
-    if layout is None and jax.process_count() > 1:
-        raise ValueError(
-            f"{jax.process_count()} processes need a device mesh spanning them: pass "
-            f"--mesh (e.g. data={jax.device_count()})")
-    primary = jax.process_index() == 0  # the one process that writes metrics
-    out = Path(cfg.out_dir)
-    metrics_path = out / "metrics.jsonl"
-    ckpt_dir = out / "checkpoints"
-    has_run = metrics_path.exists() or (ckpt_dir.exists() and any(ckpt_dir.iterdir()))
-    if has_run and not resume:
-        if not overwrite:
-            raise FileExistsError(
-                f"{str(out)!r} already holds a run; pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --out")
-        if primary:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            metrics_path.unlink(missing_ok=True)
-        _sync("overwrite")
-
-    if data is None:
-        data = data_lib.build_data(data_config(cfg))
-    elif data.config != data_config(cfg):
-        raise ValueError("data= was built for a different data configuration")
-    model = build_model(cfg, data.vocab_size, layout)
-    init_scales = (measure_init_scales(cfg, model, data, layout)
-                   if cfg.method == "init_grad" else None)
-    tx = optimizers.build_optimizer(cfg, init_scales=init_scales)
-    if layout is None:
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-        def train_step(batch):
-            return step.train_step(model, optimizer, batch)
-    else:
-        optimizer = layout.create_optimizer(model, tx)  # moments follow the params' layout
-        train_step = layout.train_step(model, optimizer)
-    train_iter = data.train_iter()
-    schedule = optimizers.base_schedule(cfg)
-
-    mngr = _checkpoint_manager(out, cfg.keep_checkpoints)
-    count = 0
-    latest = mngr.latest_step() if resume else None
-    if latest is not None:
-        _check_saved_config(mngr, latest, cfg)
-        _check_saved_data(mngr, latest, data)
-        _restore(mngr, latest, model, optimizer, train_iter)
-        count = int(latest)
-    elif resume:
-        print(f"No checkpoint in {str(ckpt_dir)!r}: starting from step 0.")
-    if resume and primary:
-        _truncate_metrics(metrics_path, count)
-    if primary:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-    log = MetricsLog(metrics_path, enabled=primary)
-    last_saved = latest
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * data.shard_count
-    timed_steps, timed_seconds = 0, 0.0  # whole run, without the compiling first step
-    window_steps, window_seconds = 0, 0.0  # since the last train record
-    bar = _progress(cfg, count, enabled=primary)
-    compiled = False  # the first step of a process compiles: not training throughput
-    try:
-        while count < end:
-            t0 = time.perf_counter()
-            batch = next(train_iter)
-            if layout is not None:
-                batch = layout.place_batch(batch)
-            metrics = train_step(batch)
-            loss = float(metrics["loss"])  # one sync per step: a NaN never reaches a checkpoint
-            seconds = time.perf_counter() - t0
-            if compiled:
-                timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
-            compiled = True
-            window_steps, window_seconds = window_steps + 1, window_seconds + seconds
-            c, count = count, count + 1
-            bar.update(1)
-            if not math.isfinite(loss):
-                log.write({"kind": "diverged", "step": count, "loss": str(loss)})
-                raise DivergedError(_diverged_message(
-                    f"the loss is {loss} at step {count}", cfg, last_saved, ckpt_dir),
-                    count, last_saved)
-
-            if _recompute_due(cfg, c):
-                log.write({"kind": "alpha", "step": c,
-                           "alpha": _per_leaf(llr_optax.last_alphas(optimizer.opt_state)),
-                           "scale": _per_leaf(llr_optax.current_scales(optimizer.opt_state))})
-            log_now = count % cfg.log_every == 0 or count == end
-            if cfg.method in ALPHA_METHODS and (log_now or _ramping(cfg, c)):
-                log.write({"kind": "scale", "step": c,
-                           "scale": _per_leaf(llr_optax.current_scales(optimizer.opt_state))})
-            if log_now:
-                tps = tokens_per_step * window_steps / max(window_seconds, 1e-9)
-                log.write({"kind": "train", "step": count, "loss": loss,
-                           "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(c)),
-                           "tokens_per_sec": tps})
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-                window_steps, window_seconds = 0, 0.0
-            if count % cfg.eval_every == 0 or count == cfg.steps:
-                record = {"kind": "eval", "step": count,
-                          **evaluate(model, data, cfg.eval_batches, layout)}
-                log.write(record)
-                bpb = f", bpb {record['val_bpb']:.4f}" if record["val_bpb"] else ""
-                if primary:
-                    bar.write(f"step {count}: val loss {record['val_loss']:.4f}, "
-                              f"ppl {record['val_ppl']:.2f}{bpb}")
-            if (cfg.checkpoint_every and count % cfg.checkpoint_every == 0) or count == end:
-                if not bool(_all_finite(nnx.state(model, nnx.Param))):
-                    log.write({"kind": "diverged", "step": count, "loss": "non-finite params"})
-                    raise DivergedError(_diverged_message(
-                        f"the parameters are not finite after step {count}", cfg, last_saved,
-                        ckpt_dir), count, last_saved)
-                _save(mngr, count, model, optimizer, train_iter, cfg, data)
-                last_saved = count
-    finally:
-        bar.close()
-        log.close()
-        mngr.wait_until_finished()
-        mngr.close()
-
-    records = read_metrics(metrics_path)
-    evals = [r for r in records if r["kind"] == "eval"]
-    finished = count == cfg.steps and evals and evals[-1]["step"] == count
-    return {
-        "config": cfg.to_dict(),
-        "out_dir": str(out),
-        "step": count,
-        "final": evals[-1] if finished else None,
-        "evals": evals,
-        "train": [r for r in records if r["kind"] == "train"],
-        "alphas": [r for r in records if r["kind"] == "alpha"],
-        "scales": [r for r in records if r["kind"] == "scale"],
-        "tokens_per_sec": tokens_per_step * timed_steps / timed_seconds if timed_seconds else None,
-        "wall_seconds": time.perf_counter() - wall_start,
-    }

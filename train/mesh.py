@@ -27,7 +27,6 @@ current layout (so a run may resume under another ``--mesh``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -40,7 +39,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models import LOGICAL_AXIS_RULES
-from train import step
 from train.config import MESH_AXES, TrainConfig, parse_mesh
 
 # Logical dimension -> mesh axis under tensor parallelism (replacing the model's
@@ -179,11 +177,16 @@ class MeshLayout:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
-    def batch_sharding(self, ndim: int = 2) -> NamedSharding:
-        """Sharding of a global ``[batch, ...]`` array: rows over the batch axes."""
+    def batch_sharding(self, ndim: int = 2, leading: int = 0) -> NamedSharding:
+        """Sharding of a global ``[batch, ...]`` array: rows over the batch axes.
+
+        ``leading`` axes before the batch axis (the micro-batch axis of gradient
+        accumulation) are not split.
+        """
         axes = self.batch_axes
-        first = None if not axes else axes[0] if len(axes) == 1 else axes
-        return NamedSharding(self.mesh, P(first, *([None] * (ndim - 1))))
+        rows = None if not axes else axes[0] if len(axes) == 1 else axes
+        return NamedSharding(self.mesh, P(*([None] * leading), rows,
+                                          *([None] * (ndim - 1 - leading))))
 
     def check_batch_size(self, per_process: int, name: str = "batch_size") -> None:
         """Raises a ``ValueError`` unless the batch axes divide the global batch."""
@@ -196,10 +199,12 @@ class MeshLayout:
                 f"{self.batch_parallel} of the mesh ({' x '.join(self.batch_axes)} = "
                 f"{self.batch_parallel}); choose a multiple of it")
 
-    def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows of a batch -> global arrays split over the batch axes."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding(np.ndim(v)), v)
-                for k, v in batch.items()}
+    def place_batch(self, batch: dict[str, np.ndarray],
+                    leading: int = 0) -> dict[str, jax.Array]:
+        """This process's rows of a batch -> global arrays split over the batch axes
+        (after ``leading`` unsplit axes, see :meth:`batch_sharding`)."""
+        return {k: jax.make_array_from_process_local_data(
+            self.batch_sharding(np.ndim(v), leading), v) for k, v in batch.items()}
 
     def place_batches(self, batches: Iterator[dict]) -> Iterator[dict[str, jax.Array]]:
         """:meth:`place_batch` over an iterator."""
@@ -253,29 +258,3 @@ class MeshLayout:
         init = jax.jit(lambda state: nnx.split(factory(state))[1],
                        out_shardings=self.shardings(abstract))
         return nnx.merge(graphdef, init(model_state))
-
-    def train_step(self, model: nnx.Module,
-                   optimizer: nnx.Optimizer) -> Callable[[dict], dict]:
-        """The sharded :func:`train.step.train_step` for these objects.
-
-        Returns:
-          ``run(batch) -> metrics``: one update on a placed batch (:meth:`place_batch`),
-          applied to ``model`` and ``optimizer`` in place. The state keeps its layout
-          (pinned as the step's output sharding) and is donated, as on one device.
-        """
-        graphdef, state = nnx.split((model, optimizer))
-
-        @functools.partial(jax.jit, donate_argnums=0,
-                           out_shardings=(self.shardings(state), self.replicated))
-        def sharded_step(state, batch):
-            m, o = nnx.merge(graphdef, state)
-            metrics = step.train_update(m, o, batch)
-            return nnx.state((m, o)), metrics
-
-        def run(batch: dict) -> dict:
-            with jax.set_mesh(self.mesh):
-                new_state, metrics = sharded_step(nnx.state((model, optimizer)), batch)
-            nnx.update((model, optimizer), new_state)
-            return metrics
-
-        return run

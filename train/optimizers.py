@@ -7,6 +7,10 @@ Every layer-wise method has the same shape (docs/methods.md)::
 
 The methods differ only in the last link (and ``relative`` in the schedule it pairs
 with). LARS and LAMB are whole optimizers and replace the base instead.
+
+With ``accumulate > 1`` the whole chain sits inside ``optax.MultiSteps``: it sees the
+mean gradient of ``accumulate`` micro-batches once per update, so every count in it
+(the schedule's, alpha_hill's recompute clock, relative's cosine) counts real updates.
 """
 
 from __future__ import annotations
@@ -137,7 +141,32 @@ def build_optimizer(cfg: TrainConfig, params: Any = None, *,
         parts.append(optax.clip_by_global_norm(cfg.clip))
     parts.append(base_optimizer(cfg, base_schedule(cfg)))
     parts.append(method_transform(cfg, init_scales))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    if cfg.accumulate > 1:
+        tx = optax.MultiSteps(only_when_applied(tx), every_k_schedule=cfg.accumulate)
+        tx = tx.gradient_transformation()
+    return tx
+
+
+def only_when_applied(inner: optax.GradientTransformation
+                      ) -> optax.GradientTransformationExtraArgs:
+    """``inner``, run only when its update is applied (for ``optax.MultiSteps``).
+
+    ``optax.MultiSteps`` evaluates its inner update at EVERY micro-step and keeps the
+    result only at the last one (``jnp.where``). That is harmless for AdamW, but
+    alpha_hill's recompute (an eigenvalue solve per matrix) would run ``accumulate``
+    times per recompute. The caller passes ``apply=`` (``mini_step == k - 1``, read
+    from the MultiSteps state), which MultiSteps forwards here, and the inner update
+    runs behind a ``lax.cond`` on it; otherwise zero updates and the unchanged state,
+    exactly what MultiSteps would have kept.
+    """
+    def update(updates, state, params=None, *, apply=True, **extra_args):
+        del extra_args
+        return jax.lax.cond(
+            apply, lambda: inner.update(updates, state, params),
+            lambda: (jax.tree.map(jax.numpy.zeros_like, updates), state))
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 def measure_init_grad(
