@@ -81,6 +81,8 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--active-fraction", "active_fraction", float, "alpha_hill: recompute during this "
                                                     "fraction of the run"),
     ("--min-eigenvalues", "min_eigenvalues", int, "alpha methods: smaller matrices keep 1"),
+    ("--spread", "spread", int, "alpha methods: spread each recompute over N steps (flat "
+                                "step time; 1: all at once)"),
     ("--init-grad-batches", "init_grad_batches", int, "init_grad: minibatches measured"),
     ("--mesh", "mesh", str, "train on a device mesh, e.g. 'data=2,fsdp=4': comma-separated "
                             "sizes of the axes data (replicas), fsdp (params and optimizer "

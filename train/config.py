@@ -94,6 +94,9 @@ class TrainConfig:
       ramp_steps: alpha_hill: soft-switch length (``None``: ``interval // 2``).
       active_fraction: alpha_hill: recompute during this fraction of the run.
       min_eigenvalues: alpha_hill/tempbalance: smaller matrices keep factor 1.
+      spread: alpha_hill/tempbalance: spread each recompute over this many steps, one
+        slice of the matrices per step (``scale_by_alpha_hill(spread=...)``; 1 = all at
+        once, as the paper), for a flat step time.
       init_grad_batches: init_grad: minibatches ``T`` the gradient is averaged over.
       model_overrides: ``LlamaConfig`` fields that replace the preset's (e.g.
         ``{"num_layers": 2}``); keys from ``MODEL_OVERRIDE_FIELDS``, JSON scalars only.
@@ -151,6 +154,7 @@ class TrainConfig:
     ramp_steps: int | None = None
     active_fraction: float = 0.2
     min_eigenvalues: int = 8
+    spread: int = 1
     init_grad_batches: int = 10
     model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     dtype: str = "float32"
@@ -170,8 +174,10 @@ class TrainConfig:
         check_combination(self.method, self.optimizer)
         for name in ("steps", "batch_size", "seq_len", "eval_every", "log_every",
                      "interval", "min_eigenvalues", "init_grad_batches",
-                     "keep_checkpoints", "accumulate"):
+                     "keep_checkpoints", "accumulate", "spread"):
             _check_int(name, getattr(self, name), 1)
+        if self.spread > self.interval:
+            raise ValueError(f"spread must be <= interval ({self.interval}), got {self.spread}")
         _check_int("checkpoint_every", self.checkpoint_every, 0)
         _check_int("seed", self.seed, 0)
         for name in ("eval_batches", "val_batch_size", "vocab_size"):

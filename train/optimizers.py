@@ -92,10 +92,12 @@ def method_transform(cfg: TrainConfig, init_scales: Any = None) -> optax.Gradien
         return llr_optax.scale_by_alpha_hill(
             s_min=cfg.s_min, s_max=cfg.s_max, interval=cfg.interval,
             ramp_steps=cfg.ramp_steps, total_steps=cfg.steps,
-            active_fraction=cfg.active_fraction, min_eigenvalues=cfg.min_eigenvalues)
+            active_fraction=cfg.active_fraction, min_eigenvalues=cfg.min_eigenvalues,
+            spread=cfg.spread)
     if cfg.method == "tempbalance":
         return llr_optax.scale_by_alpha_hill(
-            interval=cfg.interval, min_eigenvalues=cfg.min_eigenvalues, **TEMPBALANCE)
+            interval=cfg.interval, min_eigenvalues=cfg.min_eigenvalues, spread=cfg.spread,
+            **TEMPBALANCE)
     if cfg.method == "relative":
         return llr_optax.relative_schedule(
             llr_optax.DENSE_MULTIPLIERS, cfg.steps, llr_optax.DENSE_FINAL_FRACTION,

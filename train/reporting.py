@@ -65,10 +65,12 @@ def peak_tflops(cfg: TrainConfig) -> float | None:
 
 
 def recompute_due(cfg: TrainConfig, count: int) -> bool:
-    """Whether update ``count`` (0-based) recomputes alphas, as in scale_by_alpha_hill."""
-    if cfg.method not in ALPHA_METHODS or count % cfg.interval:
+    """Whether update ``count`` (0-based) recomputes alphas (or, with ``spread``, a slice of
+    them), as in scale_by_alpha_hill."""
+    if cfg.method not in ALPHA_METHODS or count % cfg.interval >= cfg.spread:
         return False
-    return cfg.method == "tempbalance" or count < math.ceil(cfg.active_fraction * cfg.steps)
+    start = count - count % cfg.interval
+    return cfg.method == "tempbalance" or start < math.ceil(cfg.active_fraction * cfg.steps)
 
 
 def ramping(cfg: TrainConfig, count: int) -> bool:
@@ -76,7 +78,7 @@ def ramping(cfg: TrainConfig, count: int) -> bool:
     if cfg.method != "alpha_hill":
         return False
     ramp = cfg.interval // 2 if cfg.ramp_steps is None else cfg.ramp_steps
-    return count <= math.ceil(cfg.active_fraction * cfg.steps) + ramp
+    return count <= math.ceil(cfg.active_fraction * cfg.steps) + cfg.spread - 1 + ramp
 
 
 class TensorBoard:
