@@ -264,7 +264,7 @@ def test_user_errors_are_one_line_with_status_2(corpus, tmp_path, capsys):
         read_only = parent / "run"
     _one_line_error(capsys, base + ["--out", str(read_only)], "cannot write to --out")
     _one_line_error(capsys, base + ["--out", str(tmp_path / "v"), "--val-fraction", "0"],
-                    "the validation split is empty")
+                    "is empty, but the trainer evaluates on it")
 
 
 def test_stop_after_reached_claims_no_checkpoint(corpus, tmp_path, capsys):
