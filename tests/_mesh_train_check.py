@@ -12,7 +12,8 @@ Runs (each mesh run is compared with the single-device run of the same method):
 * ``uniform/adamw``: ``data=2,fsdp=4`` stopped after step 1, resumed under ``fsdp=8``
   (a checkpoint written on one layout restored into another);
 * ``alpha_hill/adamw``: ``data=2,fsdp=4``, alphas recomputed at both steps (interval 1);
-* ``uniform/muon``: ``data=2,fsdp=2,tensor=2`` (tensor parallel too).
+* ``uniform/muon``: ``data=2,fsdp=2,tensor=2`` (tensor parallel too), with gradient
+  accumulation over 2 micro-batches (the micro-batch axis stays whole, rows are split).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ RUNS = {
     "alpha_hill/adamw": [("data=2,fsdp=4", None)],
     "uniform/muon": [("data=2,fsdp=2,tensor=2", None)],
 }
+# Extra settings of a run (both its single-device and its mesh legs).
+RUN_OVERRIDES = {"uniform/muon": {"accumulate": 2}}
 # Leaves whose recorded sharding is reported (one per kind of layout).
 SHARDING_LEAVES = ("model/layers/0/mlp/up_proj/kernel", "model/layers/0/mlp/down_proj/kernel",
                    "lm_head/kernel", "model/embed_tokens/embedding")
@@ -132,7 +135,8 @@ def main(workdir: Path) -> dict:
     for name, legs in RUNS.items():
         method, optimizer = name.split("/")
         single_cfg = config(workdir, corpus, method=method, optimizer=optimizer,
-                            out_dir=str(workdir / f"{method}_{optimizer}_single"))
+                            out_dir=str(workdir / f"{method}_{optimizer}_single"),
+                            **RUN_OVERRIDES.get(name, {}))
         single = train(single_cfg, data)
         single_params = checkpoints(single_cfg.out_dir)[2]["params"]
         out_dir = str(workdir / f"{method}_{optimizer}_mesh")
@@ -147,6 +151,7 @@ def main(workdir: Path) -> dict:
             # A resumed run reports the whole run's records (kept up to its checkpoint).
             "mesh": {**mesh_legs[-1], "seconds": [leg["seconds"] for leg in mesh_legs]},
             "layouts": [mesh for mesh, _ in legs],
+            "accumulate": single_cfg.accumulate,
             "specs": {s: {k: saved[s]["specs"][k] for k in SHARDING_LEAVES} for s in saved},
             "diff": compare(single_params, saved[2]["params"], init),
         }

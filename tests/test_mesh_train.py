@@ -140,6 +140,8 @@ def test_params_are_sharded_on_the_mesh(report):
     assert specs["2"]["model/layers/0/mlp/down_proj/kernel"][1] == "P(None, 'fsdp')"
     # The 257-token byte vocabulary is kept whole; the model width is split.
     assert specs["2"]["model/embed_tokens/embedding"][1] == "P(None, 'fsdp')"
+    # uniform/muon accumulates 2 micro-batches per update (a [2, batch, seq] batch).
+    assert report["runs"]["uniform/muon"]["accumulate"] == 2
     tensor = report["runs"]["uniform/muon"]["specs"]["2"]
     assert tensor["model/layers/0/mlp/up_proj/kernel"][1] == "P('fsdp', 'tensor')"
     assert tensor["model/layers/0/mlp/down_proj/kernel"][1] == "P('tensor', 'fsdp')"

@@ -7,7 +7,8 @@ pending step at once (before an evaluation or a checkpoint). A NaN/Inf loss rais
 :class:`DivergedError` when it is read.
 
 Throughput: tokens/s counts the tokens of the steps finished between two train records,
-over the wall time between reading their metrics (evaluations and checkpoints excluded).
+over the wall time between reading their metrics (evaluations and checkpoints excluded;
+so is a process's first step, which pays one-time costs: its record has no tokens/s).
 MFU = FLOPs of one compiled step (XLA's ``cost_analysis()`` of the program, per device:
 everything the step computes, optimizer included) x steps/s / peak FLOP/s of a device.
 The peak comes from ``peak_tflops`` or, failing that, :data:`PEAK_TFLOPS` (dense bf16
@@ -142,11 +143,15 @@ class Reporter:
         self.peak = peak_tflops(cfg)
         self.primary, self.tb = primary, tensorboard
         self.pending: tuple[int, dict] | None = None
+        # The first step of a process runs a freshly loaded executable and starts the
+        # data pipeline's threads: one-time costs, not throughput. Timing starts when its
+        # metrics arrive.
+        self.first_step_done = False
         # Whole run (without evals and checkpoints) and the window since the last record;
         # host time = CPU time of this (the main) thread: work, not waiting for the device.
-        self.steps = self.seconds = self.host_seconds = 0.0
+        self.steps = self.seconds = self.host_seconds = self.process_seconds = 0.0
         self.window_steps = 0
-        self.window_start, self.window_cpu = time.perf_counter(), time.thread_time()
+        self.resume_timing()
         self.interactive = (cfg.progress and primary and sys.stdout.isatty()
                             and sys.stderr.isatty())
         self.bar = None
@@ -178,19 +183,25 @@ class Reporter:
 
     def resume_timing(self) -> None:
         self.window_start, self.window_cpu = time.perf_counter(), time.thread_time()
+        self.window_process = time.process_time()
 
     def _close_window(self) -> float:
         seconds = time.perf_counter() - self.window_start
         self.steps += self.window_steps
         self.seconds += seconds
         self.host_seconds += time.thread_time() - self.window_cpu
+        self.process_seconds += time.process_time() - self.window_process
         steps, self.window_steps = self.window_steps, 0
         self.resume_timing()
         return steps / seconds if steps and seconds > 0 else float("nan")
 
     def _report(self, count: int, metrics: dict) -> None:
         host = jax.device_get(metrics)
-        self.window_steps += 1
+        if self.first_step_done:
+            self.window_steps += 1
+        else:
+            self.first_step_done = True
+            self.resume_timing()
         loss, c, cfg = float(host["loss"]), count - 1, self.cfg
         if not math.isfinite(loss):
             self.log.write({"kind": "diverged", "step": count, "loss": str(loss)})
@@ -268,10 +279,11 @@ class Reporter:
             print(line, flush=True)
 
     def timing(self) -> dict:
-        """``{"steps", "seconds", "host_seconds"}`` of the timed steps of this run
-        (host: CPU time of the loop's thread, i.e. its own work, not its waits)."""
+        """``{"steps", "seconds", "host_seconds", "process_seconds"}`` of the timed steps
+        of this run (host: CPU time of the loop's thread, i.e. its own work, not its
+        waits; process: CPU time of all threads, XLA's included)."""
         return {"steps": int(self.steps), "seconds": self.seconds,
-                "host_seconds": self.host_seconds}
+                "host_seconds": self.host_seconds, "process_seconds": self.process_seconds}
 
     def close(self) -> None:
         if self.bar is not None:
