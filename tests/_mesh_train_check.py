@@ -13,7 +13,9 @@ Runs (each mesh run is compared with the single-device run of the same method):
   (a checkpoint written on one layout restored into another);
 * ``alpha_hill/adamw``: ``data=2,fsdp=4``, alphas recomputed at both steps (interval 1);
 * ``uniform/muon``: ``data=2,fsdp=2,tensor=2`` (tensor parallel too), with gradient
-  accumulation over 2 micro-batches (the micro-batch axis stays whole, rows are split).
+  accumulation over 2 micro-batches (the micro-batch axis stays whole, rows are split);
+* ``moe-uniform/muon``: the MoE preset (one block, 4 experts) on ``fsdp=2,tensor=4``: the
+  experts spread over ``tensor`` (expert parallelism), Muon orthogonalising each expert.
 """
 
 from __future__ import annotations
@@ -42,12 +44,17 @@ RUNS = {
     "uniform/adamw": [("data=2,fsdp=4", 1), ("fsdp=8", None)],
     "alpha_hill/adamw": [("data=2,fsdp=4", None)],
     "uniform/muon": [("data=2,fsdp=2,tensor=2", None)],
+    "moe-uniform/muon": [("fsdp=2,tensor=4", None)],
 }
 # Extra settings of a run (both its single-device and its mesh legs).
 RUN_OVERRIDES = {"uniform/muon": {"accumulate": 2}}
+# Runs on another model than the tiny LLaMa (the name's prefix before '-').
+MODELS = {"moe": dict(preset="moe-tiny", model_overrides={"num_layers": 1, "num_experts": 4})}
 # Leaves whose recorded sharding is reported (one per kind of layout).
 SHARDING_LEAVES = ("model/layers/0/mlp/up_proj/kernel", "model/layers/0/mlp/down_proj/kernel",
-                   "lm_head/kernel", "model/embed_tokens/embedding")
+                   "lm_head/kernel", "model/embed_tokens/embedding",
+                   "model/layers/0/moe/experts/up_proj", "model/layers/0/moe/experts/down_proj",
+                   "model/layers/0/moe/router/kernel")
 
 
 def config(workdir: Path, corpus: Path, **overrides) -> TrainConfig:
@@ -128,36 +135,40 @@ def main(workdir: Path) -> dict:
                       encoding="utf-8")
     base = config(workdir, corpus)
     data = data_lib.build_data(loop.data_config(base))
-    init = flat(nnx.to_pure_dict(nnx.state(loop.build_model(base, data.vocab_size), nnx.Param)))
     report = {"devices": jax.device_count(), "errors": unfit_layout_errors(workdir, corpus),
               "runs": {}}
     finals = {}
     for name, legs in RUNS.items():
-        method, optimizer = name.split("/")
+        model, _, run = name.rpartition("-")
+        method, optimizer = run.split("/")
         single_cfg = config(workdir, corpus, method=method, optimizer=optimizer,
-                            out_dir=str(workdir / f"{method}_{optimizer}_single"),
-                            **RUN_OVERRIDES.get(name, {}))
+                            out_dir=str(workdir / f"{model}{method}_{optimizer}_single"),
+                            **MODELS.get(model, {}), **RUN_OVERRIDES.get(name, {}))
+        init = flat(nnx.to_pure_dict(nnx.state(loop.build_model(single_cfg, data.vocab_size),
+                                               nnx.Param)))
         single = train(single_cfg, data)
         single_params = checkpoints(single_cfg.out_dir)[2]["params"]
-        out_dir = str(workdir / f"{method}_{optimizer}_mesh")
+        out_dir = str(workdir / f"{model}{method}_{optimizer}_mesh")
         mesh_legs = []
         for i, (mesh, stop_after) in enumerate(legs):
             leg_cfg = single_cfg.replace(mesh=mesh, out_dir=out_dir)
             mesh_legs.append(train(leg_cfg, data, resume=i > 0, stop_after=stop_after))
         saved = checkpoints(out_dir)
-        finals[name] = single_params
+        finals[name] = (single_params, init)
         report["runs"][name] = {
             "single": single,
             # A resumed run reports the whole run's records (kept up to its checkpoint).
             "mesh": {**mesh_legs[-1], "seconds": [leg["seconds"] for leg in mesh_legs]},
             "layouts": [mesh for mesh, _ in legs],
             "accumulate": single_cfg.accumulate,
-            "specs": {s: {k: saved[s]["specs"][k] for k in SHARDING_LEAVES} for s in saved},
+            "specs": {s: {k: saved[s]["specs"][k] for k in SHARDING_LEAVES
+                          if k in saved[s]["specs"]} for s in saved},
             "diff": compare(single_params, saved[2]["params"], init),
         }
     # Control: two different single-device runs differ by O(1) on this scale, so the
     # tolerance on "diff" can tell a wrong mesh step from float noise.
-    report["control"] = compare(finals["uniform/adamw"], finals["alpha_hill/adamw"], init)
+    report["control"] = compare(finals["uniform/adamw"][0], finals["alpha_hill/adamw"][0],
+                                finals["uniform/adamw"][1])
     return report
 
 

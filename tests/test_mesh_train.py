@@ -2,8 +2,8 @@
 
 The 8-device checks run `tests/_mesh_train_check.py` in ONE child process with 8 simulated CPU
 devices (`XLA_FLAGS` must be set before jax is imported, so this process is left alone) and
-assert on its JSON report; the child trains the tiny preset (one block) for 2 steps on one
-device and on meshes (see its docstring for the runs). Under pytest-xdist the child still runs
+assert on its JSON report; the child trains the tiny and moe-tiny presets (one block) for 2
+steps on one device and on meshes (see its docstring for the runs). Under pytest-xdist the child still runs
 once: the first worker to need the report produces it, the others wait for its file.
 
 Tolerances. The mesh step computes the same math with other reduction orders (sharded matmuls,
@@ -42,7 +42,7 @@ from train import config as config_lib
 
 PARENT_XLA_FLAGS = os.environ.get("XLA_FLAGS")
 CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mesh_train_check.py")
-RUNS = ("uniform/adamw", "alpha_hill/adamw", "uniform/muon")
+RUNS = ("uniform/adamw", "alpha_hill/adamw", "uniform/muon", "moe-uniform/muon")
 LOSS_RTOL = 1e-5
 PARAM_UPDATE_RTOL = 1e-3
 
@@ -145,6 +145,12 @@ def test_params_are_sharded_on_the_mesh(report):
     tensor = report["runs"]["uniform/muon"]["specs"]["2"]
     assert tensor["model/layers/0/mlp/up_proj/kernel"][1] == "P('fsdp', 'tensor')"
     assert tensor["model/layers/0/mlp/down_proj/kernel"][1] == "P('tensor', 'fsdp')"
+    # MoE: the 4 experts over tensor=4 (expert parallelism), each expert's width over fsdp;
+    # the router's expert columns stay whole (the softmax needs all of them).
+    moe = report["runs"]["moe-uniform/muon"]["specs"]["2"]
+    assert moe["model/layers/0/moe/experts/up_proj"][1] == "P('tensor', 'fsdp')"
+    assert moe["model/layers/0/moe/experts/down_proj"][1] == "P('tensor', None, 'fsdp')"
+    assert moe["model/layers/0/moe/router/kernel"][1] == "P('fsdp',)"
 
 
 def test_unfit_layouts_are_refused_clearly(report):

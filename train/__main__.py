@@ -8,6 +8,7 @@ YAML) overrides the preset, and every flag overrides both. Exit statuses: see
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,10 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--spread", "spread", int, "alpha methods: spread each recompute over N steps (flat "
                                 "step time; 1: all at once)"),
     ("--init-grad-batches", "init_grad_batches", int, "init_grad: minibatches measured"),
+    ("--init-grad-train-init", "init_grad_train_init", str,
+     "init_grad: train from 'paper' (the fan-in initialisation the factors are measured at, "
+     "llr_optax.fan_in_init(rule='paper'), as the paper does) or 'model' (the model's own "
+     "init; a departure)"),
     ("--mesh", "mesh", str, "train on a device mesh, e.g. 'data=2,fsdp=4': comma-separated "
                             "sizes of the axes data (replicas), fsdp (params and optimizer "
                             "state split along the model width, batch split too) and tensor "
@@ -99,16 +104,29 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
      "peak dense TFLOP/s of one device, for the MFU (default: known GPUs/TPUs, bf16 data "
      "sheet figures; none on CPU)"),
 )
-# Model shape overrides (model_overrides): (flag, LlamaConfig field, type, help).
+# Model shape overrides (model_overrides): (flag, model config field, type, help).
 _MODEL_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--num-layers", "num_layers", int, "decoder blocks"),
     ("--hidden", "hidden", int, "model width"),
-    ("--intermediate", "intermediate", int, "SwiGLU hidden width"),
+    ("--intermediate", "intermediate", int, "MLP hidden width (MoE: of each expert)"),
     ("--num-heads", "num_heads", int, "attention (query) heads"),
     ("--num-kv-heads", "num_kv_heads", int, "key/value heads (grouped-query attention; "
-                                            "must divide --num-heads)"),
-    ("--rope-theta", "rope_theta", float, "RoPE base frequency"),
-    ("--norm-eps", "norm_eps", float, "RMSNorm epsilon"),
+                                            "must divide --num-heads; LLaMa, MoE)"),
+    ("--rope-theta", "rope_theta", float, "RoPE base frequency (LLaMa, MoE)"),
+    ("--norm-eps", "norm_eps", float, "RMSNorm (GPT-2: LayerNorm) epsilon"),
+    ("--num-experts", "num_experts", int, "MoE: experts per layer"),
+    ("--top-k", "top_k", int, "MoE: experts each token is routed to"),
+    ("--router-z-loss-weight", "router_z_loss_weight", float,
+     "MoE: weight of the router z-loss in the training loss"),
+    ("--load-balance-loss-weight", "load_balance_loss_weight", float,
+     "MoE: weight of the load-balancing loss in the training loss"),
+)
+# Boolean model overrides (--x / --no-x).
+_MODEL_SWITCHES: tuple[tuple[str, str, str], ...] = (
+    ("--tie-embeddings", "tie_embeddings", "output head reuses the token embedding"),
+    ("--normalize-top-k", "normalize_top_k", "MoE: renormalise the chosen experts' "
+                                             "probabilities (needs --top-k >= 2)"),
+    ("--use-bias", "use_bias", "GPT-2: biases on linear maps and LayerNorms"),
 )
 
 
@@ -128,14 +146,22 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if action.dest in config_lib.MODEL_OVERRIDE_FIELDS:
-            from models.presets import PRESETS  # pylint: disable=import-outside-toplevel
-            from models.llama import LlamaConfig  # pylint: disable=import-outside-toplevel
+            # pylint: disable=import-outside-toplevel
+            from models.presets import GPT2_PRESETS, MOE_PRESETS, PRESETS
+            from models.gpt2 import GPT2Config
+            from models.moe import MoeConfig
 
-            shape = {**{f: getattr(LlamaConfig, f, None) for f in ("rope_theta", "norm_eps",
-                                                                  "tie_embeddings")},
-                     **PRESETS["tiny"]}
-            shape.setdefault("num_kv_heads", shape["num_heads"])
-            text += f" (tiny: {shape.get(action.dest)})"
+            # The smallest preset of the first family that has the field.
+            for name, cls, table in (("tiny", MoeConfig, PRESETS),
+                                     ("moe-tiny", MoeConfig, MOE_PRESETS),
+                                     ("gpt-tiny", GPT2Config, GPT2_PRESETS)):
+                if action.dest in config_lib.FAMILY_OVERRIDE_FIELDS[
+                        config_lib.model_family(name)]:
+                    shape = {f.name: f.default for f in dataclasses.fields(cls)}
+                    shape.update(table[name])
+                    shape["num_kv_heads"] = shape.get("num_kv_heads") or shape["num_heads"]
+                    text += f" ({name}: {shape.get(action.dest)})"
+                    break
         return text
 
 
@@ -146,12 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m train", formatter_class=_HelpFormatter,
         usage="%(prog)s [--preset P] [--method M] [--optimizer O] [--config FILE] [--out DIR] "
               "[--resume] [settings ...]",
-        description="Train a LLaMa language model with a layer-wise learning-rate method.",
+        description="Train a language model (LLaMa, MoE LLaMa or GPT-2) with a layer-wise "
+                    "learning-rate method.",
         epilog="Example: python -m train --preset tiny --method alpha_hill --steps 300 "
                "--out runs/alpha_hill\n\n" + EXIT_CODES,
     )
     parser.add_argument("--preset", default=None, choices=list(config_lib.PRESETS),
-                        help="model size and matching run settings (default: tiny)")
+                        help="model and matching run settings (default: tiny): dense LLaMa "
+                             "tiny ... 1b, MoE LLaMa moe-tiny, moe-8x34m, GPT-2 gpt-tiny, "
+                             "gpt-nano, gpt2-124m")
     parser.add_argument("--method", default=None, choices=config_lib.METHODS,
                         help="layer-wise LR method (default: uniform)")
     parser.add_argument("--optimizer", default=None, choices=config_lib.OPTIMIZERS,
@@ -161,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="settings file, JSON or YAML (pyyaml): TrainConfig field names, "
                              "e.g. {\"preset\": \"20m\", \"lr\": 0.001, \"model_overrides\": "
                              "{\"num_layers\": 2}}; it overrides the preset, flags override it")
+    parser.add_argument("--multipliers", default=None, metavar="FILE", dest="multipliers_file",
+                        help="--method relative: a JSON table {\"multipliers\": {label or "
+                             "group: [start, end]}, \"final_fraction\": f} used instead of the "
+                             "paper's (MoE presets: its Table 4, final fraction 0.04; dense: "
+                             "Table 5, 0.06), e.g. what python -m train.search writes; its "
+                             "optional \"lr\" and \"weight_decay\" apply unless given as "
+                             "flags or in --config")
     parser.add_argument("--out", default=None, dest="out_dir",
                         help="output directory (default: runs/<preset>_<method>_<optimizer>)")
     parser.add_argument("--resume", action="store_true",
@@ -189,13 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar=field.upper(),
                            help=f"{help_text} (tiny: {shown if shown != '' else 'unset'})")
     model = parser.add_argument_group(
-        "model", "override the preset's model shape (model_overrides; shown for tiny)")
+        "model", "override the preset's model shape (model_overrides; each flag shows the "
+                 "value of the smallest preset of a family that has it)")
     for flag, field, kind, help_text in _MODEL_FLAGS:
         model.add_argument(flag, type=kind, default=argparse.SUPPRESS, dest=field,
                            metavar=field.upper(), help=help_text)
-    model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction,
-                       default=argparse.SUPPRESS, dest="tie_embeddings",
-                       help="output head reuses the token embedding")
+    for flag, field, help_text in _MODEL_SWITCHES:
+        model.add_argument(flag, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, dest=field, help=help_text)
     return parser
 
 
@@ -219,6 +256,11 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
         if not isinstance(overrides, dict):
             raise ValueError(f"model_overrides must be a mapping, got {overrides!r}")
         values["model_overrides"] = {**overrides, **model}
+    if args.multipliers_file:
+        table, settings = config_lib.load_multipliers_file(args.multipliers_file)
+        values["multipliers"] = table
+        for name, value in settings.items():
+            values.setdefault(name, value)  # flags and --config win
     preset = values.pop("preset", "tiny")
     if preset not in config_lib.PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; expected one of: "

@@ -29,18 +29,31 @@ MESH_AXES = ("data", "fsdp", "tensor")
 STANDALONE_METHODS = ("lars", "lamb")
 # AlphaDecay replaces AdamW's weight decay: AdamW only, as in its paper.
 ADAMW_ONLY_METHODS = STANDALONE_METHODS + ("alpha_decay",)
-# Kept in sync with ``models.PRESETS`` (checked by the tests); listed here so the CLI
-# does not import JAX just to validate ``--preset``.
-MODEL_PRESETS = ("tiny", "20m", "60m", "130m", "350m", "1b")
+# Kept in sync with ``models.ALL_PRESETS`` (checked by the tests); listed here so the CLI
+# does not import JAX just to validate ``--preset``. Dense LLaMa, MoE LLaMa, GPT-2.
+MODEL_PRESETS = ("tiny", "20m", "60m", "130m", "350m", "1b", "moe-tiny", "moe-8x34m",
+                 "gpt-tiny", "gpt-nano", "gpt2-124m")
 
 # Computation dtypes of the model (``--dtype``); parameters and optimizer state stay
 # float32 either way.
 DTYPES = ("float32", "bfloat16")
-# ``LlamaConfig`` fields a run may override (``model_overrides``, the model flags of the
-# CLI). ``vocab_size`` and ``max_seq_len`` come from the data and ``seq_len``; the
-# computation dtype is the ``dtype`` field.
-MODEL_OVERRIDE_FIELDS = ("hidden", "intermediate", "num_heads", "num_kv_heads", "num_layers",
+# Model config fields a run may override (``model_overrides``, the model flags of the
+# CLI), per model family (``model_family``). ``vocab_size`` and ``max_seq_len`` come from
+# the data and ``seq_len``; the computation dtype is the ``dtype`` field.
+LLAMA_OVERRIDE_FIELDS = ("hidden", "intermediate", "num_heads", "num_kv_heads", "num_layers",
                          "rope_theta", "norm_eps", "tie_embeddings")
+MOE_OVERRIDE_FIELDS = LLAMA_OVERRIDE_FIELDS + (
+    "num_experts", "top_k", "normalize_top_k", "router_z_loss_weight",
+    "load_balance_loss_weight")
+GPT2_OVERRIDE_FIELDS = ("hidden", "intermediate", "num_heads", "num_layers", "norm_eps",
+                        "use_bias", "tie_embeddings")
+FAMILY_OVERRIDE_FIELDS = {"llama": LLAMA_OVERRIDE_FIELDS, "moe": MOE_OVERRIDE_FIELDS,
+                          "gpt2": GPT2_OVERRIDE_FIELDS}
+MODEL_OVERRIDE_FIELDS = tuple(dict.fromkeys(MOE_OVERRIDE_FIELDS + GPT2_OVERRIDE_FIELDS))
+# Where init_grad trains from (``init_grad_train_init``): "paper" = the fan-in
+# initialisation its factors were measured at (the paper's Algorithm 1), "model" = the
+# model's own initialisation (a departure: the factors then belong to another init).
+INIT_GRAD_TRAIN_INITS = ("paper", "model")
 
 # Fields that do not change the trajectory: they may differ when resuming.
 # tokenizer_model may move: the data fingerprint stored with every checkpoint checks the
@@ -57,7 +70,8 @@ class TrainConfig:
     """Everything one training run depends on.
 
     Attributes:
-      preset: Model size, one of ``MODEL_PRESETS`` (see ``models.PRESETS``).
+      preset: Model, one of ``MODEL_PRESETS`` (``models.ALL_PRESETS``: dense LLaMa,
+        MoE LLaMa ``moe-*``, GPT-2 ``gpt*``).
       method: Layer-wise LR method, one of ``METHODS``.
       optimizer: Base optimizer, ``"adamw"`` or ``"muon"`` (Muon on hidden matrices,
         AdamW on embedding, head and norms).
@@ -98,8 +112,19 @@ class TrainConfig:
         slice of the matrices per step (``scale_by_alpha_hill(spread=...)``; 1 = all at
         once, as the paper), for a flat step time.
       init_grad_batches: init_grad: minibatches ``T`` the gradient is averaged over.
-      model_overrides: ``LlamaConfig`` fields that replace the preset's (e.g.
-        ``{"num_layers": 2}``); keys from ``MODEL_OVERRIDE_FIELDS``, JSON scalars only.
+      init_grad_train_init: init_grad: train from the initialisation the factors were
+        measured at, ``"paper"`` (``llr_optax.fan_in_init(rule="paper")``, as the paper
+        does; the default), or from the model's own initialisation, ``"model"`` (a
+        departure). Other methods always start from the model's initialisation.
+      multipliers: relative: the module table instead of the paper's, as read from a
+        ``--multipliers`` file: ``{"multipliers": {label or group: [start, end]},
+        "final_fraction": f}`` (see :func:`check_multipliers`); ``None``: the paper's
+        table for the preset's family (MoE: ``MOE_MULTIPLIERS``, 0.04; dense:
+        ``DENSE_MULTIPLIERS``, 0.06). The content, not a path, so a resume under another
+        table is refused.
+      model_overrides: Model config fields that replace the preset's (e.g.
+        ``{"num_layers": 2}``); keys from the preset family's fields
+        (``FAMILY_OVERRIDE_FIELDS``), JSON scalars only.
       dtype: Computation dtype of the model, ``"float32"`` or ``"bfloat16"``
         (activations and matmuls; parameters, gradients and optimizer state stay
         float32, the loss is taken on float32 logits).
@@ -156,6 +181,8 @@ class TrainConfig:
     min_eigenvalues: int = 8
     spread: int = 1
     init_grad_batches: int = 10
+    init_grad_train_init: str = "paper"
+    multipliers: Mapping[str, Any] | None = None
     model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     dtype: str = "float32"
     accumulate: int = 1
@@ -202,11 +229,13 @@ class TrainConfig:
             raise ValueError(f"active_fraction must lie in (0, 1], got {self.active_fraction!r}")
         if not isinstance(self.model_overrides, Mapping):
             raise ValueError(f"model_overrides must be a mapping, got {self.model_overrides!r}")
+        family = model_family(self.preset)
         for key, value in dict(self.model_overrides).items():
-            if key not in MODEL_OVERRIDE_FIELDS:
+            if key not in FAMILY_OVERRIDE_FIELDS[family]:
                 raise ValueError(
-                    f"model_overrides: unknown model field {key!r}; expected one of: "
-                    f"{', '.join(MODEL_OVERRIDE_FIELDS)}")
+                    f"model_overrides: unknown model field {key!r} for the {family} preset "
+                    f"{self.preset!r}; expected one of: "
+                    f"{', '.join(FAMILY_OVERRIDE_FIELDS[family])}")
             if not isinstance(value, (int, float, str, bool)):
                 raise ValueError(
                     f"model_overrides[{key!r}] must be a JSON scalar, got {value!r}")
@@ -226,6 +255,14 @@ class TrainConfig:
         for name in ("progress", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _check_choice("init_grad_train_init", self.init_grad_train_init,
+                      INIT_GRAD_TRAIN_INITS)
+        if self.multipliers is not None:
+            if self.method != "relative":
+                raise ValueError("multipliers (--multipliers) apply to --method relative "
+                                 f"only, not {self.method!r}")
+            object.__setattr__(self, "multipliers",
+                               check_multipliers(self.multipliers, "multipliers"))
         # A plain dict keeps to_dict/from_dict symmetric (and JSON-friendly).
         object.__setattr__(self, "model_overrides", dict(self.model_overrides))
 
@@ -279,6 +316,109 @@ def check_combination(method: str, optimizer: str) -> None:
             f"--method {method} is its own base optimizer (optax.{method}); it cannot be "
             f"combined with --optimizer {optimizer}. Use --optimizer adamw (ignored for "
             f"{method}).")
+
+
+def model_family(preset: str) -> str:
+    """``"moe"``, ``"gpt2"`` or ``"llama"``: the model family of a preset name (as in
+    ``models.presets``: ``moe-*`` MoE LLaMa, ``gpt*`` GPT-2, the rest dense LLaMa)."""
+    if preset.startswith("moe-"):
+        return "moe"
+    return "gpt2" if preset.startswith("gpt") else "llama"
+
+
+# The module labels and groups a multiplier table may name: ``llr_optax.LABELS`` and
+# ``llr_optax.LABEL_GROUPS`` (copied so this module imports no JAX; a test keeps them equal).
+TABLE_KEYS = ("embed", "pos_embed", "head", "attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv",
+              "mlp_gate", "mlp_up", "mlp_down", "router", "expert", "norm", "bias", "other",
+              "attn", "mlp")
+# Optional run settings a multipliers file may carry besides the table (what
+# ``python -m train.search`` found); the CLI uses them unless given explicitly.
+MULTIPLIERS_FILE_SETTINGS = ("lr", "weight_decay")
+
+
+def check_multipliers(values: Any, what: str = "multipliers") -> dict[str, Any]:
+    """Validates a relative-schedule table and returns it normalised.
+
+    Args:
+      values: ``{"multipliers": {label or group: [start, end], ...}, "final_fraction":
+        f}``: start/end multipliers (``relative_schedule``'s ``a_m``, ``b_m``), positive
+        finite numbers; keys from :data:`TABLE_KEYS`; ``0 < f <= 1`` the base cosine's
+        final LR as a fraction of its peak.
+      what: Names the source in error messages (e.g. the file).
+
+    Returns:
+      ``{"multipliers": {key: [start, end]}, "final_fraction": f}`` with floats.
+
+    Raises:
+      ValueError: Anything else (one line).
+    """
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{what} must be a JSON object with \"multipliers\" and "
+                         f"\"final_fraction\", got {type(values).__name__}")
+    unknown = sorted(str(k) for k in values if k not in ("multipliers", "final_fraction"))
+    missing = [k for k in ("multipliers", "final_fraction") if k not in values]
+    if unknown or missing:
+        raise ValueError(f"{what}: expected the keys \"multipliers\" and \"final_fraction\""
+                         + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+                         + (f"; missing: {', '.join(missing)}" if missing else ""))
+    table = values["multipliers"]
+    if not isinstance(table, Mapping) or not table:
+        raise ValueError(f"{what}: \"multipliers\" must be a non-empty object "
+                         f"{{label or group: [start, end]}}, got {table!r}")
+    out = {}
+    for key, pair in table.items():
+        if key not in TABLE_KEYS:
+            raise ValueError(f"{what}: unknown module {key!r}; expected labels or groups "
+                             f"from: {', '.join(TABLE_KEYS)}")
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(_positive_number(x) for x in pair)):
+            raise ValueError(f"{what}: {key!r} must be [start, end], two positive finite "
+                             f"numbers, got {pair!r}")
+        out[key] = [float(pair[0]), float(pair[1])]
+    fraction = values["final_fraction"]
+    if not (_positive_number(fraction) and fraction <= 1):
+        raise ValueError(f"{what}: \"final_fraction\" must be a number in (0, 1], "
+                         f"got {fraction!r}")
+    return {"multipliers": out, "final_fraction": float(fraction)}
+
+
+def load_multipliers_file(path: str) -> tuple[dict[str, Any], dict[str, float]]:
+    """Reads a ``--multipliers`` JSON file (what ``python -m train.search`` writes).
+
+    Returns:
+      ``(table, settings)``: the table as :func:`check_multipliers` returns it, and the
+      optional run settings of the file (``lr``, ``weight_decay``).
+
+    Raises:
+      ValueError: Unreadable file, not JSON, or bad content (one line naming the file).
+    """
+    import json  # pylint: disable=import-outside-toplevel
+
+    what = f"--multipliers {path!r}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} cannot be read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} must hold a JSON object, got {type(values).__name__}")
+    settings = {}
+    for name in MULTIPLIERS_FILE_SETTINGS:
+        if name in values:
+            value = values.pop(name)
+            ok = _positive_number(value) or (name == "weight_decay" and value == 0)
+            if not ok:
+                raise ValueError(f"{what}: \"{name}\" must be a positive finite number, "
+                                 f"got {value!r}")
+            settings[name] = float(value)
+    return check_multipliers(values, what), settings
+
+
+def _positive_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -381,6 +521,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "1b": dict(preset="1b", lr=3e-4, steps=100000, batch_size=256, seq_len=256,
                eval_every=2000, checkpoint_every=2000, interval=40, ramp_steps=20,
                s_max=3.0, min_eigenvalues=50),
+    # MoE LLaMa. moe-tiny: tiny's run settings (its lr is not tuned for the MoE); a step
+    # costs about twice tiny's (dense dispatch over 8 experts). min_eigenvalues 16 leaves
+    # the router ([128, 8]: 8 eigenvalues, too few for a Hill fit; the authors' 50 excludes
+    # it at every size) out of alpha_hill, and keeps every other matrix (>= 128) in.
+    "moe-tiny": dict(preset="moe-tiny", lr=3e-3, steps=300, batch_size=16, seq_len=128,
+                     eval_every=75, checkpoint_every=100, log_every=10, interval=10,
+                     ramp_steps=5, val_batch_size=64, min_eigenvalues=16),
+    # RLRS's MoE 8x34M: base LR 3e-3 (its Table 1); the rest as the 60m preset.
+    "moe-8x34m": dict(preset="moe-8x34m", lr=3e-3, steps=10000, batch_size=64, seq_len=256,
+                      eval_every=1000, checkpoint_every=1000, interval=40, ramp_steps=20,
+                      s_max=3.0, min_eigenvalues=50),
+    # GPT-2. gpt-tiny: tiny's settings. gpt-nano / gpt2-124m: nanoGPT's GPT-2 small recipe
+    # (lr 6e-4, context 1024) with the 130m preset's tokens per step; not tuned here.
+    "gpt-tiny": dict(preset="gpt-tiny", lr=3e-3, steps=300, batch_size=16, seq_len=128,
+                     eval_every=75, checkpoint_every=100, log_every=10, interval=10,
+                     ramp_steps=5, val_batch_size=64),
+    "gpt-nano": dict(preset="gpt-nano", lr=6e-4, steps=20000, batch_size=32, seq_len=1024,
+                     eval_every=1000, checkpoint_every=1000, interval=40, ramp_steps=20,
+                     s_max=3.0, min_eigenvalues=50),
+    "gpt2-124m": dict(preset="gpt2-124m", lr=6e-4, steps=20000, batch_size=32, seq_len=1024,
+                      eval_every=1000, checkpoint_every=1000, interval=40, ramp_steps=20,
+                      s_max=3.0, min_eigenvalues=50),
 }
 
 

@@ -9,9 +9,13 @@ Everything it records goes to ``out_dir``:
   - ``train``: ``step`` (updates done), ``loss`` (of the batch of that update,
     before it; with accumulation the mean over its micro-batches), ``grad_norm``
     (raw), ``lr`` (base schedule), ``tokens_per_sec``, and ``mfu`` where the peak
-    FLOP/s is known (see :mod:`train.reporting`);
-  - ``eval``: ``step``, ``val_loss``, ``val_ppl``, ``val_bpb`` (``None`` for a
-    partial pass or pre-tokenised data), ``val_tokens``;
+    FLOP/s is known (see :mod:`train.reporting`); for a MoE model ``loss`` is the
+    training objective ``ce_loss + aux_loss``, logged with its parts ``ce_loss``,
+    ``aux_loss`` (weighted router losses), ``router_z_loss``, ``load_balance_loss``
+    (unweighted, means over layers), ``expert_load`` (``[layer][expert]`` shares of the
+    assignments) and ``expert_imbalance`` (worst layer's largest share x E; 1 = even);
+  - ``eval`` (cross-entropy only, also for MoE): ``step``, ``val_loss``, ``val_ppl``,
+    ``val_bpb`` (``None`` for a partial pass or pre-tokenised data), ``val_tokens``;
   - ``alpha`` (alpha_hill, tempbalance; at every recompute): ``step`` = the update
     count at which the alphas were computed (0, interval, ...), ``alpha`` and the
     ``scale`` applied in that update, both ``{param path: value}``;
@@ -55,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import LLaMa, llama_config
+from models import create_model, model_config
 from train import data as data_lib
 from train import optimizers, rundir, state as state_lib, step
 from train.checkpoints import Checkpoints, ConfigMismatchError, _sync
@@ -223,8 +227,12 @@ def _setup(cfg: TrainConfig, *, resume: bool, overwrite: bool,
         raise UserError(f"the validation split is empty (val_fraction={cfg.val_fraction}); "
                         "use a --val-fraction that leaves it at least one token")
     model = build_model(cfg, data.vocab_size, layout)
-    init_scales = (measure_init_scales(cfg, model, data, layout)
-                   if cfg.method == "init_grad" else None)
+    init_scales = None
+    if cfg.method == "init_grad":
+        init_scales, measured_at = measure_init_scales(cfg, model, data, layout,
+                                                       return_params=True)
+        if cfg.init_grad_train_init == "paper":  # train from where the factors were measured
+            nnx.update(model, _placed_like(measured_at, nnx.state(model, nnx.Param)))
     tx = optimizers.build_optimizer(cfg, init_scales=init_scales)
     spec, state = state_lib.init_state(model, tx, layout)
     del model  # the state lists own the arrays from here on
@@ -348,22 +356,37 @@ def data_config(cfg: TrainConfig) -> data_lib.DataConfig:
         val_fraction=cfg.val_fraction, seed=cfg.seed)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, layout: MeshLayout | None = None) -> LLaMa:
-    """The LLaMa of ``cfg.preset`` (plus ``model_overrides`` and ``dtype``), initialised
-    from ``seed``; parameters are float32 whatever the computation dtype.
+def build_model(cfg: TrainConfig, vocab_size: int,
+                layout: MeshLayout | None = None) -> nnx.Module:
+    """The model of ``cfg.preset`` (LLaMa, MoE LLaMa or GPT-2, plus ``model_overrides``
+    and ``dtype``; ``models.model_config`` / ``models.create_model``), initialised from
+    ``seed``; parameters are float32 whatever the computation dtype. Its context length
+    (GPT-2's position table) is ``seq_len``.
 
     With a ``layout`` it is created directly sharded on its mesh.
     """
-    model_cfg = llama_config(cfg.preset, vocab_size, cfg.seq_len, dtype=jnp.dtype(cfg.dtype),
+    model_cfg = model_config(cfg.preset, vocab_size, cfg.seq_len, dtype=jnp.dtype(cfg.dtype),
                              param_dtype=jnp.float32, **cfg.model_overrides)
     if layout is not None:
-        return layout.create(lambda: LLaMa(model_cfg, rngs=nnx.Rngs(cfg.seed)))
-    return LLaMa(model_cfg, rngs=nnx.Rngs(cfg.seed))
+        return layout.create(lambda: create_model(model_cfg, rngs=nnx.Rngs(cfg.seed)))
+    return create_model(model_cfg, rngs=nnx.Rngs(cfg.seed))
+
+
+def _placed_like(new: Any, old: Any) -> Any:
+    """``new``'s arrays on the devices (and in the layout) of ``old``'s."""
+    return jax.tree.map(lambda n, o: jax.device_put(n, o.sharding)
+                        if hasattr(o, "sharding") else n, new, nnx.as_pure(old))
 
 
 def measure_init_scales(cfg: TrainConfig, model: nnx.Module, data: data_lib.Data,
-                        layout: MeshLayout | None = None) -> Any:
-    """init_grad factors for ``model``'s params, from a separately seeded data stream."""
+                        layout: MeshLayout | None = None, *, return_params: bool = False
+                        ) -> Any:
+    """init_grad factors for ``model``'s params, from a separately seeded data stream.
+
+    With ``return_params``: ``(factors, params)``, the fan-in initialised parameters
+    (pure pytree) the gradients were measured at (``cfg.init_grad_train_init ==
+    "paper"`` trains from them).
+    """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     batches = iter(data_lib.train_dataset(
         data.train_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
@@ -372,7 +395,9 @@ def measure_init_scales(cfg: TrainConfig, model: nnx.Module, data: data_lib.Data
     if layout is not None:
         batches = layout.place_batches(batches)
     grad_fn = step.make_grad_fn(graphdef, rest)
-    return optimizers.measure_init_grad(cfg, grad_fn, nnx.as_pure(params), batches)
+    scales, measured_at = optimizers.measure_init_grad(cfg, grad_fn, nnx.as_pure(params),
+                                                       batches, return_params=True)
+    return (scales, measured_at) if return_params else scales
 
 
 def evaluate(model: nnx.Module, data: data_lib.Data, max_batches: int | None = None,

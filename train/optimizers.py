@@ -22,7 +22,7 @@ import jax
 import optax
 
 import llr_optax
-from train.config import TrainConfig, check_combination
+from train.config import TrainConfig, check_combination, model_family
 
 # Muon's update has RMS ~ 1/sqrt(max dim) before scaling; consistent_rms rescales it to
 # 0.2, AdamW's typical update RMS (Liu et al. 2025), so both share one lr and schedule.
@@ -36,20 +36,33 @@ TEMPBALANCE = dict(s_min=0.5, s_max=1.5, fixed_scales={"embed": 1.0, "head": 1.0
 def base_schedule(cfg: TrainConfig) -> optax.Schedule:
     """Linear warmup to ``lr``, then cosine to ``final_lr_fraction * lr`` at ``steps``.
 
-    For ``relative`` it is ``llr_optax.relative_base_schedule`` with the paper's final
-    fraction, the schedule ``relative_schedule`` divides by (built from the same numbers
-    in :func:`method_transform`, so the two cannot disagree).
+    For ``relative`` it is ``llr_optax.relative_base_schedule`` with the table's final
+    fraction (:func:`relative_table`), the schedule ``relative_schedule`` divides by
+    (built from the same numbers in :func:`method_transform`, so the two cannot disagree).
     """
     lr = cfg.lr * (cfg.s_max if cfg.method == "upper_bound" else 1.0)
     if cfg.method == "relative":
         return llr_optax.relative_base_schedule(
-            lr, cfg.steps, llr_optax.DENSE_FINAL_FRACTION, cfg.warmup_steps)
+            lr, cfg.steps, relative_table(cfg)[1], cfg.warmup_steps)
     if cfg.method == "blockwise":
         return llr_optax.relative_base_schedule(
             lr, cfg.steps, cfg.final_lr_fraction, cfg.warmup_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.steps, end_value=cfg.final_lr_fraction * lr)
+
+
+def relative_table(cfg: TrainConfig) -> tuple[dict[str, tuple[float, float]], float]:
+    """``relative``'s ``(multipliers, final_fraction)``: the run's own table
+    (``cfg.multipliers``, from ``--multipliers``), else the paper's for the preset's
+    family: Table 4 (``MOE_MULTIPLIERS``, 0.04) on MoE presets, Table 5
+    (``DENSE_MULTIPLIERS``, 0.06) on dense ones (LLaMa and GPT-2)."""
+    if cfg.multipliers is not None:
+        table = {k: (a, b) for k, (a, b) in cfg.multipliers["multipliers"].items()}
+        return table, cfg.multipliers["final_fraction"]
+    if model_family(cfg.preset) == "moe":
+        return dict(llr_optax.MOE_MULTIPLIERS), llr_optax.MOE_FINAL_FRACTION
+    return dict(llr_optax.DENSE_MULTIPLIERS), llr_optax.DENSE_FINAL_FRACTION
 
 
 def base_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -99,9 +112,9 @@ def method_transform(cfg: TrainConfig, init_scales: Any = None) -> optax.Gradien
             interval=cfg.interval, min_eigenvalues=cfg.min_eigenvalues, spread=cfg.spread,
             **TEMPBALANCE)
     if cfg.method == "relative":
-        return llr_optax.relative_schedule(
-            llr_optax.DENSE_MULTIPLIERS, cfg.steps, llr_optax.DENSE_FINAL_FRACTION,
-            cfg.warmup_steps)
+        multipliers, final_fraction = relative_table(cfg)
+        return llr_optax.relative_schedule(multipliers, cfg.steps, final_fraction,
+                                           cfg.warmup_steps)
     if cfg.method == "blockwise":
         # Wang et al.'s peak-LR ratios, every block decaying to the run's common floor
         # (final_lr_fraction * lr), as in their code; see llr_optax.BLOCKWISE_MULTIPLIERS.
@@ -176,12 +189,15 @@ def measure_init_grad(
     grad_fn: Callable[[Any, dict], Any],
     params: Any,
     batches: Any,
+    *,
+    return_params: bool = False,
 ) -> Any:
     """Init-gradient LR factors (docs/methods.md) for ``params``' structure.
 
-    Gradients are taken at a fan-in initialised copy of ``params`` (the training
-    params themselves are not touched), held fixed over ``cfg.init_grad_batches``
-    minibatches drawn from ``batches``.
+    Gradients are taken at a fan-in initialised copy of ``params``
+    (``llr_optax.fan_in_init``, the paper's rule; the training params themselves are
+    not touched), held fixed over ``cfg.init_grad_batches`` minibatches drawn from
+    ``batches``.
 
     Args:
       cfg: The run configuration (``seed``, ``init_grad_batches``).
@@ -190,10 +206,14 @@ def measure_init_grad(
       batches: An iterator of training batches. Pass a SEPARATE iterator (the loop uses
         a differently seeded one), so measuring does not shift the training data order.
 
+      return_params: Also return the fan-in initialised copy.
+
     Returns:
-      Per-leaf float32 factors whose parameter-weighted mean is 1.
+      Per-leaf float32 factors whose parameter-weighted mean is 1; with
+      ``return_params``, ``(factors, the copy they were measured at)``.
     """
     key = jax.random.fold_in(jax.random.key(cfg.seed), 0x1A17)
     measured = llr_optax.fan_in_init(params, key)
     grads = [grad_fn(measured, next(batches)) for _ in range(cfg.init_grad_batches)]
-    return llr_optax.init_grad_scales(grads)
+    scales = llr_optax.init_grad_scales(grads)
+    return (scales, measured) if return_params else scales

@@ -75,9 +75,15 @@ def plot_losses(runs: Mapping[str, Sequence[dict]], path: str | Path) -> Path:
     return path
 
 
+# The layer number in a parameter path: ``model/layers/<i>/`` (LLaMa, MoE LLaMa) or
+# ``h/<i>/`` (GPT-2).
+_LAYER = re.compile(r"(?:^|/)(?:layers|h)/(\d+)/(.*)")
+
+
 def _layer_key(path: str) -> tuple:
-    """Sort key: layer number, then module name (``layers/10`` after ``layers/9``)."""
-    m = re.search(r"layers/(\d+)/(.*)", path)
+    """Sort key: layer number, then module name (``layers/10`` after ``layers/9``); -1 for
+    leaves outside the blocks (embeddings, head)."""
+    m = _LAYER.search(path)
     return (int(m.group(1)), m.group(2)) if m else (-1, path)
 
 
@@ -86,13 +92,28 @@ _STYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1)), (0, (3, 1, 1, 1)))
 
 
 def _module(path: str) -> str:
-    """``.../self_attn/q_proj/kernel`` -> ``q_proj``."""
-    parts = path.split("/")
-    return parts[-2] if len(parts) >= 2 else path
+    """The module inside a block, e.g. ``self_attn/q_proj``, ``mlp/c_proj`` (GPT-2 has a
+    ``c_proj`` in both attention and MLP), ``moe/experts/gate_proj``; the whole path for
+    leaves outside the blocks."""
+    m = _LAYER.search(path)
+    name = m.group(2) if m else path
+    return name[: -len("/kernel")] if name.endswith("/kernel") else name
+
+
+def _series(records: list[dict], field: str, key: str, index: int | None) -> list:
+    """One matrix's values over the records (``index``: the expert of a stacked leaf)."""
+    values = [r[field].get(key) for r in records]
+    if index is None:
+        return values
+    return [v[index] if isinstance(v, list) else None for v in values]
 
 
 def plot_alpha_layers(result: dict, path: str | Path) -> Path | None:
     """Per-matrix alpha (left) and applied LR factor (right) over training.
+
+    Works for the LLaMa, MoE LLaMa and GPT-2 key paths; a stacked leaf (a MoE layer's
+    experts) gives one line per matrix (expert). Leaves outside the blocks (embedding,
+    head, GPT-2's position embedding) are drawn in red.
 
     Args:
       result: The results dict of one alpha_hill (or tempbalance) run.
@@ -107,7 +128,10 @@ def plot_alpha_layers(result: dict, path: str | Path) -> Path | None:
     plt = _pyplot()
     from matplotlib.lines import Line2D  # pylint: disable=import-outside-toplevel
 
-    keys = sorted((k for k, v in alphas[0]["alpha"].items() if v is not None), key=_layer_key)
+    def has_alpha(v):
+        return any(x is not None for x in v) if isinstance(v, list) else v is not None
+
+    keys = sorted((k for k, v in alphas[0]["alpha"].items() if has_alpha(v)), key=_layer_key)
     n_layers = 1 + max((_layer_key(k)[0] for k in keys), default=0)
     cmap = plt.get_cmap("viridis")
     fig, (ax_a, ax_s) = plt.subplots(1, 2, figsize=(13, 5))
@@ -116,21 +140,33 @@ def plot_alpha_layers(result: dict, path: str | Path) -> Path | None:
     s_steps = [r["step"] for r in s_records]
     modules = []
     for k in keys:
-        layer, name = _layer_key(k)
+        layer = _layer_key(k)[0]
+        if layer < 0:
+            continue  # drawn with the other leaves outside the blocks below
         module = _module(k)
         modules += [module] if module not in modules else []
         color = cmap(layer / max(n_layers - 1, 1))
         style = _STYLES[modules.index(module) % len(_STYLES)]
-        ax_a.plot(a_steps, [r["alpha"].get(k) for r in alphas], color=color, ls=style,
-                  marker=".", lw=1)
-        ax_s.plot(s_steps, [r["scale"].get(k) for r in s_records], color=color, ls=style, lw=1)
-    for k, name in (("model/embed_tokens/embedding", "embedding"), ("lm_head/kernel", "head")):
-        if s_records and k in s_records[0]["scale"]:
-            ax_s.plot(s_steps, [r["scale"][k] for r in s_records], color="red", lw=3,
-                      alpha=0.4, label=f"{name} (fixed)")
+        value = alphas[0]["alpha"][k]
+        for i in range(len(value)) if isinstance(value, list) else [None]:
+            ax_a.plot(a_steps, _series(alphas, "alpha", k, i), color=color, ls=style,
+                      marker=".", lw=1)
+            ax_s.plot(s_steps, _series(s_records, "scale", k, i), color=color, ls=style,
+                      lw=1)
+    outside = [k for k in (s_records[0]["scale"] if s_records else {})
+               if _layer_key(k)[0] < 0 and not isinstance(s_records[0]["scale"][k], list)]
+    for n, k in enumerate(outside):
+        ls = _STYLES[n % len(_STYLES)]
+        if k in keys:
+            ax_a.plot(a_steps, _series(alphas, "alpha", k, None), color="red", ls=ls,
+                      marker=".", lw=2, alpha=0.6, label=_module(k))
+        fixed = "" if k in keys else " (fixed)"
+        ax_s.plot(s_steps, _series(s_records, "scale", k, None), color="red", ls=ls, lw=3,
+                  alpha=0.4, label=f"{_module(k)}{fixed}")
     handles = [Line2D([], [], color="black", ls=_STYLES[i % len(_STYLES)], label=m)
                for i, m in enumerate(modules)]
-    ax_a.legend(handles=handles, fontsize=8, title="module")
+    ax_a.legend(handles=handles + ax_a.get_legend_handles_labels()[0], fontsize=8,
+                title="module")
     bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n_layers - 1)),
                        ax=ax_s)
     bar.set_label("layer")

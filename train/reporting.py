@@ -221,14 +221,15 @@ class Reporter:
                 if self.tb and log_now:
                     self.tb.per_layer(c, "factor", scales)
         if count % cfg.log_every == 0 or count == cfg.steps:
-            self._train_record(count, loss, float(host["grad_norm"]))
+            self._train_record(count, loss, float(host["grad_norm"]), moe_parts(host))
 
-    def _train_record(self, count: int, loss: float, grad_norm: float) -> None:
+    def _train_record(self, count: int, loss: float, grad_norm: float,
+                      parts: dict | None = None) -> None:
         steps_per_sec = self._close_window()
         tps = self.tokens_per_step * steps_per_sec
         lr = float(self.lrs[min(count - 1, len(self.lrs) - 1)])
         record = {"kind": "train", "step": count, "loss": loss, "grad_norm": grad_norm,
-                  "lr": lr, "tokens_per_sec": tps}
+                  "lr": lr, "tokens_per_sec": tps, **(parts or {})}
         mfu = self.mfu(steps_per_sec)
         if mfu is not None:
             record["mfu"] = mfu
@@ -236,14 +237,18 @@ class Reporter:
         if self.tb:
             self.tb.scalars(count, {"train/loss": loss, "train/grad_norm": grad_norm,
                                     "train/lr": lr, "train/tokens_per_sec": tps,
-                                    "train/mfu": mfu})
+                                    "train/mfu": mfu,
+                                    **{f"train/{k}": v for k, v in (parts or {}).items()
+                                       if not isinstance(v, list)}})
         rate = f"{tps:,.0f} tok/s" if math.isfinite(tps) else "- tok/s"
         extra = f", MFU {100 * mfu:.1f}%" if mfu is not None and math.isfinite(mfu) else ""
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
         elif self.primary:
             gn = f"{grad_norm:.3g}" if math.isfinite(grad_norm) else str(grad_norm)
-            print(f"step {count}/{self.cfg.steps}: loss {loss:.4f}, grad_norm {gn}, "
+            moe = (f" (ce {parts['ce_loss']:.4f} + aux {parts['aux_loss']:.4f}, expert "
+                   f"imbalance {parts['expert_imbalance']:.2f})" if parts else "")
+            print(f"step {count}/{self.cfg.steps}: loss {loss:.4f}{moe}, grad_norm {gn}, "
                   f"lr {lr:.3g}, {rate}{extra}", flush=True)
 
     def mfu(self, steps_per_sec: float) -> float | None:
@@ -290,6 +295,24 @@ class Reporter:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def moe_parts(host: dict) -> dict:
+    """A MoE step's loss parts for the train record (nothing for a dense model).
+
+    ``ce_loss``, ``aux_loss``, ``router_z_loss``, ``load_balance_loss`` as floats;
+    ``expert_load`` as ``[num_layers][E]`` fractions; and ``expert_imbalance``: the
+    largest expert's share over the mean share (``E * max_e load``), the worst layer's:
+    1 for perfectly even routing, ``E`` when one expert takes every token.
+    """
+    if "expert_load" not in host:
+        return {}
+    load = np.asarray(host["expert_load"], np.float64)
+    out = {k: float(host[k]) for k in ("ce_loss", "aux_loss", "router_z_loss",
+                                       "load_balance_loss")}
+    out["expert_imbalance"] = float(np.max(load.max(axis=-1) * load.shape[-1]))
+    out["expert_load"] = [[round(float(x), 6) for x in row] for row in load]
+    return out
 
 
 class _Diverged(Exception):

@@ -1,6 +1,10 @@
 """The jitted training and evaluation steps.
 
-The loss is the token-level cross-entropy of float32 logits against the next token.
+The training loss is the token-level cross-entropy of float32 logits against the next
+token, plus the model's auxiliary losses (``aux["aux_loss"]`` of
+``model(tokens, return_aux=True)``: the MoE router z-loss and load-balancing loss, already
+weighted; nothing for the dense models). Evaluation is cross-entropy only, so validation
+losses compare across model families.
 
 Two forms of the same update:
 
@@ -44,12 +48,39 @@ def mean_loss(model: nnx.Module, batch: dict) -> jax.Array:
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def training_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
+    """The training objective: mean cross-entropy plus the model's auxiliary loss.
+
+    Returns:
+      ``(loss, parts)``. For a dense model ``loss`` is the cross-entropy and ``parts`` is
+      empty. For a MoE model ``loss = ce_loss + aux_loss`` and ``parts`` holds
+      ``ce_loss``, ``aux_loss`` (weighted sum), its unweighted terms ``router_z_loss``
+      and ``load_balance_loss`` (means over layers), and ``expert_load``
+      (``[num_layers, E]`` fractions of the token->expert assignments).
+    """
+    logits, aux = model(batch["inputs"], return_aux=True)
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["targets"])
+    if "mask" in batch:
+        mask = batch["mask"].astype(jnp.float32)
+        ce = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    else:
+        ce = jnp.mean(losses)
+    if not aux:
+        return ce, {}
+    parts = {"ce_loss": ce, **{k: aux[k] for k in AUX_METRICS}}
+    return ce + aux["aux_loss"], parts
+
+
+# What a MoE model's ``aux`` contributes to the step's metrics (see training_loss).
+AUX_METRICS = ("aux_loss", "router_z_loss", "load_balance_loss", "expert_load")
+
+
 def train_update(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict:
-    """The body of :func:`train_step`, unjitted (the mesh step in train/mesh.py wraps it
-    in its own ``jax.jit``, so both compute the same update)."""
-    loss, grads = nnx.value_and_grad(mean_loss)(model, batch)
+    """The body of :func:`train_step`, unjitted."""
+    (loss, parts), grads = nnx.value_and_grad(training_loss, has_aux=True)(model, batch)
     optimizer.update(model, grads)
-    return {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
 
 
 @nnx.jit(donate_argnums=(0, 1))
@@ -62,8 +93,9 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict
       batch: The training batch.
 
     Returns:
-      ``{"loss": mean loss before the update, "grad_norm": global norm of the raw
-      (unclipped) gradient}``, float32 scalars.
+      ``{"loss": training loss before the update, "grad_norm": global norm of the raw
+      (unclipped) gradient}``, float32 scalars, plus a MoE model's loss parts (see
+      :func:`training_loss`).
     """
     return train_update(model, optimizer, batch)
 
@@ -75,7 +107,7 @@ def eval_step(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def make_grad_fn(graphdef: nnx.GraphDef, rest: nnx.State):
-    """A jitted ``(params, batch) -> grads`` for the model ``graphdef`` (init_grad).
+    """A jitted ``(params, batch) -> grads`` of the training loss (init_grad).
 
     Works on a pure params pytree (as ``nnx.Optimizer`` hands to optax), so the
     gradients have exactly the structure the optax chain sees.
@@ -84,7 +116,7 @@ def make_grad_fn(graphdef: nnx.GraphDef, rest: nnx.State):
     @jax.jit
     def grad_fn(params, batch):
         def loss(p):
-            return mean_loss(nnx.merge(graphdef, p, rest), batch)
+            return training_loss(nnx.merge(graphdef, p, rest), batch)[0]
 
         return jax.grad(loss)(params)
 
@@ -123,22 +155,25 @@ def pure_train_step(
 
     Returns:
       ``step(params, opt_state, batch) -> (params, opt_state, metrics)`` with
-      ``metrics = {"loss": mean loss before the update, "grad_norm": global norm of the
-      raw (unclipped; with accumulation: mean over micro-batches) gradient, **extra}``.
+      ``metrics = {"loss": training loss before the update (:func:`training_loss`),
+      "grad_norm": global norm of the raw (unclipped; with accumulation: mean over
+      micro-batches) gradient, **loss parts of a MoE model, **extra}``; with
+      accumulation, losses and parts are means over the micro-batches.
     """
     def loss_fn(params, batch):
-        return mean_loss(nnx.merge(graphdef, params, rest), batch)
+        return training_loss(nnx.merge(graphdef, params, rest), batch)
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def single(params, opt_state, batch):
-        loss, grads = grad_fn(params, batch)
+        (loss, parts), grads = grad_fn(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
+        return (optax.apply_updates(params, updates), opt_state, loss,
+                optax.tree.norm(grads), parts)
 
     def micro_step(carry, batch):
         params, opt_state = carry
-        loss, grads = grad_fn(params, batch)
+        (loss, parts), grads = grad_fn(params, batch)
         # MultiSteps keeps the running mean of the micro-batch gradients; this is the
         # mean it will hand to the chain, for the grad_norm of the last micro-step.
         k = opt_state.mini_step
@@ -146,16 +181,17 @@ def pure_train_step(
                             opt_state.acc_grads, grads)
         updates, opt_state = tx.update(grads, opt_state, params, apply=k == accumulate - 1)
         params = optax.apply_updates(params, updates)
-        return (params, opt_state), (loss, optax.tree.norm(mean))
+        return (params, opt_state), (loss, optax.tree.norm(mean), parts)
 
     def step(params, opt_state, batch):
         if accumulate == 1:
-            params, opt_state, loss, grad_norm = single(params, opt_state, batch)
+            params, opt_state, loss, grad_norm, parts = single(params, opt_state, batch)
         else:
-            (params, opt_state), (losses, norms) = jax.lax.scan(
+            (params, opt_state), (losses, norms, parts) = jax.lax.scan(
                 micro_step, (params, opt_state), batch)
             loss, grad_norm = jnp.mean(losses), norms[-1]
-        metrics = {"loss": loss, "grad_norm": grad_norm}
+            parts = jax.tree.map(lambda x: jnp.mean(x, axis=0), parts)
+        metrics = {"loss": loss, "grad_norm": grad_norm, **parts}
         if extra_metrics is not None:
             metrics.update(extra_metrics(opt_state))
         return params, opt_state, metrics
