@@ -38,6 +38,7 @@ from llr_optax._relative import cosine_progress as cosine_progress
 from llr_optax._relative import relative_base_schedule as relative_base_schedule
 from llr_optax._relative import relative_schedule as relative_schedule
 from llr_optax._relative import warmup_steps_for as warmup_steps_for
+from llr_optax._relative import wsd_progress as wsd_progress
 from llr_optax._scales import current_scales as current_scales
 from llr_optax._scales import current_weight_decays as current_weight_decays
 from llr_optax._scales import last_alphas as last_alphas
@@ -64,7 +65,7 @@ __all__ = [
     "current_scales", "last_alphas", "current_weight_decays", "ScaleByAlphaHillState",
     "RelativeScheduleState", "ScaleByInitGradState", "AddDecayedWeightsByAlphaHillState",
     # helpers and constants
-    "cosine_progress", "warmup_steps_for", "ALPHA_HILL_PAPER", "ALPHA_HILL_RELEASED_130M",
-    "ALPHA_DECAY_RELEASED", "DENSE_MULTIPLIERS", "DENSE_FINAL_FRACTION", "MOE_MULTIPLIERS",
+    "cosine_progress", "warmup_steps_for", "wsd_progress", "ALPHA_HILL_PAPER",
+    "ALPHA_HILL_RELEASED_130M", "ALPHA_DECAY_RELEASED", "DENSE_MULTIPLIERS", "DENSE_FINAL_FRACTION", "MOE_MULTIPLIERS",
     "MOE_FINAL_FRACTION", "BLOCKWISE_MULTIPLIERS", "BLOCKWISE_FINAL_FRACTION",
 ]

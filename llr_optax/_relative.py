@@ -5,12 +5,19 @@ cosine progress after warmup. The base optimizer runs the matching cosine
 `eta(t) = eta * (c(t) + f (1 - c(t)))` (`relative_base_schedule` builds it, with the same
 warmup), so the factor chained after it is the ratio `r_m(t) = eta_m(t) / eta(t)`. Formulas:
 docs/methods.md.
+
+The paper defines `c(t)` on the cosine. Any other progress `c(t)` going from 1 to 0 gives the same
+construction on another base schedule: `progress=` takes it, e.g. `wsd_progress` for a
+warmup-stable-decay schedule (1 until the decay starts, then linear to 0), so a module's LR moves
+from `a_m` to `f b_m` times the peak during the decay only. Blockwise LR's authors do exactly this
+on their WSD runs (every block decays to the common floor along the base schedule).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -77,12 +84,42 @@ def cosine_progress(step: jax.Array, total_steps: int, warmup_steps: int = 0) ->
   return 0.5 * (1.0 + jnp.cos(jnp.pi * p))
 
 
+def wsd_progress(step: jax.Array, total_steps: int, decay_steps: int) -> jax.Array:
+  """`c(t)` of a warmup-stable-decay (WSD) schedule: 1 until `total_steps - decay_steps`, then
+  linear down to 0 at `total_steps`.
+
+  With `relative_base_schedule(..., progress=...)` the LR warms up linearly to the peak, stays
+  there until the decay starts, then falls linearly to `final_fraction * peak` over the last
+  `decay_steps` steps (the warmup lies inside the stable phase, where `c = 1`). Returns a float32
+  array; does not validate its arguments.
+
+  Example:
+    >>> import llr_optax
+    >>> [round(float(llr_optax.wsd_progress(t, 100, 20)), 3) for t in (0, 80, 90, 100)]
+    [1.0, 1.0, 0.5, 0.0]
+  """
+  start = total_steps - decay_steps
+  p = jnp.clip((jnp.asarray(step, jnp.float32) - start) / max(decay_steps, 1), 0.0, 1.0)
+  return 1.0 - p
+
+
 def relative_base_schedule(peak_lr: float, total_steps: int, final_fraction: float,
-                           warmup_steps: int = 0) -> optax.Schedule:
+                           warmup_steps: int = 0,
+                           progress: Callable[[jax.Array], jax.Array] | None = None
+                           ) -> optax.Schedule:
   """The base LR `eta(t)` that `relative_schedule` with the same arguments assumes.
 
-  Linear warmup from 0 to `peak_lr`, then cosine down to `final_fraction * peak_lr` at
-  `total_steps`. Build both from the same numbers so they cannot disagree.
+  Linear warmup from 0 to `peak_lr`, then `peak_lr * (c(t) + f (1 - c(t)))`: with the default
+  cosine progress, cosine down to `final_fraction * peak_lr` at `total_steps`. Build both from
+  the same numbers so they cannot disagree.
+
+  Args:
+    peak_lr: the peak LR.
+    total_steps: training length.
+    final_fraction: `f`, the final LR as a fraction of the peak.
+    warmup_steps: linear warmup length.
+    progress: `step -> c(t)` in [0, 1], 1 at the end of warmup (None: `cosine_progress`), e.g.
+      `lambda t: wsd_progress(t, T, D)`.
 
   Example:
     >>> import llr_optax
@@ -92,9 +129,26 @@ def relative_base_schedule(peak_lr: float, total_steps: int, final_fraction: flo
   """
   total_steps, final_fraction, warmup_steps = _validate(total_steps, final_fraction, warmup_steps)
   peak_lr = _scales.check_positive("peak_lr", peak_lr)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps, decay_steps=total_steps,
-      end_value=peak_lr * final_fraction)
+  if progress is None:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps, decay_steps=total_steps,
+        end_value=peak_lr * final_fraction)
+  _check_progress(progress)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    c = progress(step)
+    decayed = peak_lr * (c + final_fraction * (1.0 - c))
+    if warmup_steps == 0:
+      return decayed
+    return jnp.where(step < warmup_steps, peak_lr * step / warmup_steps, decayed)
+
+  return schedule
+
+
+def _check_progress(progress):
+  if not callable(progress):
+    raise ValueError(f"progress must be a callable step -> c(t), got {progress!r}")
 
 
 def relative_schedule(
@@ -103,6 +157,7 @@ def relative_schedule(
     final_fraction: float,
     warmup_steps: int = 0,
     labels: Any = None,
+    progress: Callable[[jax.Array], jax.Array] | None = None,
 ) -> optax.GradientTransformation:
   """Per-module relative LR schedules (RLRS), chained after a base optimizer on the cosine.
 
@@ -118,6 +173,9 @@ def relative_schedule(
       dense, 0.04 MoE).
     warmup_steps: linear warmup length (paper: 1% of steps); `r_m = a_m` during warmup.
     labels: label tree, callable params -> label tree, or None for `label_params(params)`.
+    progress: `step -> c(t)` (None: `cosine_progress(step, total_steps, warmup_steps)`, the
+      paper's); pass the same one to `relative_base_schedule`, e.g. `wsd_progress` for a
+      warmup-stable-decay base schedule.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `RelativeScheduleState`.
@@ -150,6 +208,11 @@ def relative_schedule(
                   _scales.check_positive(f"multipliers[{key!r}][1]", pair[1]))
   if labels is None or not callable(labels):  # else checked once the labels are known
     _labels.expand_label_keys(list(table), "multipliers", _labels.labels_in(labels))
+  if progress is None:
+    progress = functools.partial(cosine_progress, total_steps=total_steps,
+                                 warmup_steps=warmup_steps)
+  else:
+    _check_progress(progress)
 
   def factors(count, params):
     leaves, treedef = jax.tree.flatten(params)
@@ -157,7 +220,7 @@ def relative_schedule(
       return _per_leaf.PerLeaf.from_leaves([], _per_leaf.Layout(treedef, []))
     label_list = treedef.flatten_up_to(_labels.resolve_labels(labels, params))
     owner = _labels.expand_label_keys(list(table), "multipliers", sorted(set(label_list)))
-    c = cosine_progress(count, total_steps, warmup_steps)
+    c = progress(count)
     base = c + final_fraction * (1.0 - c)
 
     def one(label):

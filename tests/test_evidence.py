@@ -70,3 +70,30 @@ def test_mean_se_and_difference_match_numpy():
     assert sd == pytest.approx(np.hypot(np.std(a, ddof=1) / np.sqrt(3),
                                         np.std(b, ddof=1) / np.sqrt(4)))
     assert evidence.mean_se([1.5]) == (1.5, 0.0)
+
+
+def test_mean_curve_and_seed_speedups_match_numpy():
+    base = [_curve(2.0 + 0.1 * k) for k in range(3)]         # three "seeds" of the baseline
+    fast = [_curve(3.0 + 0.2 * k) for k in range(3)]
+    tokens, mean = evidence.mean_curve(base)
+    np.testing.assert_allclose(mean, np.mean([l for _, l in base], axis=0), rtol=1e-12)
+    np.testing.assert_allclose(tokens, base[0][0])
+    overall, per_seed = evidence.speedups(base, fast)
+    target = np.mean([l[-1] for _, l in base])
+    # NumPy: first crossing of the mean curves, linear in between (losses decrease here).
+    def cross(t, l):
+        i = int(np.argmax(l <= target))
+        return np.interp(target, [l[i], l[i - 1]], [t[i], t[i - 1]]) if i else t[0]
+    t_base = cross(np.asarray(tokens), np.asarray(mean))
+    fast_mean = np.mean([l for _, l in fast], axis=0)
+    assert overall == pytest.approx(t_base / cross(fast[0][0], fast_mean), rel=1e-12)
+    for got, (t, l) in zip(per_seed, fast):
+        assert got == pytest.approx(t_base / cross(t, l), rel=1e-12)
+    assert all(s > 1.2 for s in per_seed)  # faster curves need fewer tokens
+    slow = [_curve(0.5)]
+    assert evidence.speedups(base, slow) == (None, [None])
+    # A cut-short curve limits the mean; misaligned evaluations are refused.
+    short = (base[0][0][:10], base[0][1][:10])
+    assert len(evidence.mean_curve([base[1], short])[0]) == 10
+    with pytest.raises(ValueError, match="different tokens"):
+        evidence.mean_curve([base[0], (base[0][0] * 2, base[0][1])])

@@ -178,3 +178,53 @@ def test_blockwise_effective_lr_matches_the_authors_schedule():
   assert lrs[12]["embed_tokens"] == pytest.approx(10 * lrs[12]["input_layernorm"], rel=1e-5)
   assert lrs[120]["embed_tokens"] == pytest.approx(base_lr * frac, rel=1e-5)
   assert lrs[120]["q_proj"] == pytest.approx(base_lr * frac, rel=1e-5)
+
+
+# --- Other base schedules: relative_schedule(progress=...), e.g. warmup-stable-decay ------------
+
+
+def np_wsd_lr(t, peak, total, warmup, decay, f, a=1.0, b=1.0):
+  """A module's LR on warmup-stable-decay, written out: linear warmup to a*peak, a*peak until the
+  decay starts, then linear from a*peak to f*b*peak over the last `decay` steps."""
+  if t < warmup:
+    return a * peak * t / warmup
+  start = total - decay
+  p = min(max((t - start) / decay, 0.0), 1.0)
+  return peak * (a * (1 - p) + f * b * p)
+
+
+def test_wsd_progress_moves_every_module_during_the_decay_only():
+  total, warmup, decay, f = 100, 5, 20, 0.1
+  progress = lambda t: llr_optax.wsd_progress(t, total, decay)
+  base = llr_optax.relative_base_schedule(PEAK, total, f, warmup, progress=progress)
+  relative = llr_optax.relative_schedule({"embed": (5.0, 0.6), "attn": (2.0, 0.2)}, total, f,
+                                         warmup, progress=progress)
+  tx = optax.chain(optax.sgd(base), relative)
+  state = tx.init(PARAMS)
+  update = jax.jit(tx.update)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  for t in range(total + 3):
+    updates, state = update(grads, state, PARAMS)
+    lr = jax.tree.map(lambda u: -float(u.reshape(-1)[0]), updates)
+    layer = lr["model"]["layers"][0]
+    for got, a, b in ((lr["model"]["embed_tokens"]["embedding"], 5.0, 0.6),
+                      (layer["self_attn"]["q_proj"]["kernel"], 2.0, 0.2),
+                      (layer["mlp"]["up_proj"]["kernel"], 1.0, 1.0)):
+      np.testing.assert_allclose(got, np_wsd_lr(t, PEAK, total, warmup, decay, f, a, b),
+                                 rtol=2e-5, atol=1e-10, err_msg=f"t={t}")
+  # The base schedule alone: the stable phase is flat, the end is f * peak.
+  assert float(base(50)) == pytest.approx(PEAK) and float(base(80)) == pytest.approx(PEAK)
+  assert float(base(total)) == pytest.approx(f * PEAK, rel=1e-6)
+  with pytest.raises(ValueError, match="progress"):
+    llr_optax.relative_schedule(llr_optax.DENSE_MULTIPLIERS, 10, 0.1, progress=0.5)
+
+
+def test_default_progress_is_the_cosine():
+  """progress=cosine_progress written out gives the same factors as the default."""
+  total, warmup = 60, 6
+  explicit = lambda t: llr_optax.cosine_progress(t, total, warmup)
+  for progress in (None, explicit):
+    base = llr_optax.relative_base_schedule(PEAK, total, F, warmup, progress=progress)
+    for t in (0, 3, 6, 30, 59, 60):
+      assert float(base(t)) == pytest.approx(np_eta_m(t, 1.0, 1.0, total=total, warmup=warmup),
+                                             rel=1e-5, abs=1e-12)

@@ -1,46 +1,186 @@
-"""The report arithmetic of `python -m train.results` (mean ± std, differences to uniform)."""
+"""python -m train.results: the report arithmetic against NumPy on synthetic runs, alpha_hill's
+factors per module type, and the whole command on a fake run cache (no training)."""
+
+import json
+import math
+from pathlib import Path
 
 import numpy as np
+import pytest
 
-from train import results
+from train import grid, llr_factors, report, results, results_page
+from train.grid import Cell
+from train.run_cache import RunCache, RunRecord
 
-
-def fake(method, optimizer, losses, lr=3e-3):
-  return [{"config": {"method": method, "optimizer": optimizer, "lr": lr},
-           "final": {"val_loss": v, "val_bpb": v / np.log(2)}, "tokens_per_sec": 1000.0}
-          for v in losses]
-
-
-def test_grid_table_mean_std_and_order_match_numpy():
-  grid = {("adamw", "uniform"): fake("uniform", "adamw", [2.10, 2.12, 2.14]),
-          ("adamw", "alpha_hill"): fake("alpha_hill", "adamw", [2.00, 2.05, 2.03])}
-  table = results.grid_table(grid).splitlines()
-  # alpha_hill has the lower mean, so it is listed first.
-  assert "| alpha_hill |" in table[2] and "| uniform |" in table[3]
-  a = np.array([2.00, 2.05, 2.03])
-  assert f"{a.mean():.4f} ± {a.std(ddof=1):.4f}" in table[2]
-  bpb = a / np.log(2)
-  assert f"{bpb.mean():.4f} ± {bpb.std(ddof=1):.4f}" in table[2]
+STEPS, TOKENS = 100, 2048
 
 
-def test_versus_uniform_difference_and_verdicts():
-  u = [2.10, 2.12, 2.14]
-  grid = {("adamw", "uniform"): fake("uniform", "adamw", u),
-          ("adamw", "better"): fake("better", "adamw", [2.00, 2.01, 2.02]),
-          ("adamw", "tied"): fake("tied", "adamw", [2.09, 2.13, 2.15]),
-          ("muon", "lonely"): fake("lonely", "muon", [1.0])}
-  lines = results.versus_uniform(grid).splitlines()
-  assert len(lines) == 2  # no uniform run with muon: nothing to compare against
-  diff = np.mean([2.00, 2.01, 2.02]) - np.mean(u)
-  se = np.sqrt(np.var([2.00, 2.01, 2.02], ddof=1) / 3 + np.var(u, ddof=1) / 3)
-  assert f"{diff:+.4f} nats" in lines[0] and f"{se:.4f}" in lines[0]
-  assert lines[0].endswith("better.")
-  assert lines[1].endswith("within 2 standard errors.")
+def record(losses, status="finished", directory=Path("."), **config):
+    steps = np.linspace(STEPS / len(losses), STEPS, len(losses)).astype(int)
+    return RunRecord(config={"steps": STEPS, **config}, status=status,
+                     evals=[(int(s), int(s) * TOKENS, float(l)) for s, l in zip(steps, losses)],
+                     wall_seconds=60.0, cpu_seconds=100.0, directory=directory)
 
 
-def test_single_seed_has_no_spread_and_sweep_marks_divergence():
-  sweep = {("uniform", 1e-3): fake("uniform", "adamw", [2.3]),
-           ("uniform", 1e-2): [{"config": {}, "final": None}]}
-  table = results.sweep_table(sweep, [1e-3, 1e-2])
-  assert "| 0.001 | 2.3000 |" in table
-  assert "| 0.01 | diverged |" in table
+def exp_curve(rate, end_shift=0.0, n=25):
+    t = np.linspace(1 / n, 1, n)
+    return 2.0 + end_shift + 3.0 * np.exp(-rate * t)
+
+
+def cell_result(method, rate_by_seed, best_lr=3e-3, ladder=None):
+    cell = Cell("adamw", method)
+    runs = {(best_lr, s): record(exp_curve(r)) for s, r in enumerate(rate_by_seed)}
+    seeds = {s: run.final_loss for (_, s), run in runs.items()}
+    ladder = ladder or [(best_lr, seeds[0])]
+    return report.CellResult(grid.CellPlan(cell, ladder, best_lr, None, seeds, []), runs)
+
+
+def test_best_vs_best_row_matches_numpy():
+    uniform = cell_result("uniform", [2.0, 2.1, 1.9])
+    fast = cell_result("alpha_hill", [3.0, 3.2, 2.9], best_lr=1.5e-3)
+    table = report.best_vs_best([uniform, fast], uniform).splitlines()
+    row = next(line for line in table if line.startswith("| alpha_hill |"))
+    a = np.array([exp_curve(r)[-1] for r in (3.0, 3.2, 2.9)])
+    u = np.array([exp_curve(r)[-1] for r in (2.0, 2.1, 1.9)])
+    se = lambda x: x.std(ddof=1) / np.sqrt(len(x))
+    assert f"{a.mean():.4f} ± {se(a):.4f}" in row
+    assert f"{a.mean() - u.mean():+.4f} ± {np.hypot(se(a), se(u)):.4f}: better" in row
+    # Speed-up: NumPy crossing of the seed-mean curves at uniform's mean final loss.
+    tokens = np.array([s for s, _, _ in fast.best_runs[0].evals], float) * TOKENS
+    target = u.mean()
+    def cross(l):
+        i = int(np.argmax(l <= target))
+        return np.interp(target, [l[i], l[i - 1]], [tokens[i], tokens[i - 1]])
+    u_mean = np.mean([exp_curve(r) for r in (2.0, 2.1, 1.9)], axis=0)
+    a_mean = np.mean([exp_curve(r) for r in (3.0, 3.2, 2.9)], axis=0)
+    assert f"| {cross(u_mean) / cross(a_mean):.2f}x; seeds " in row
+    assert "| 1.5e-03 |" not in row and "| 0.0015 |" in row
+    assert table[2].startswith("| alpha_hill |")   # sorted by mean loss
+
+
+def test_sweep_table_marks_best_divergence_and_missing():
+    ladder = [(1e-3, 2.3), (2e-3, 2.1), (4e-3, 2.2), (8e-3, math.inf), (1.6e-2, None)]
+    r = report.CellResult(grid.CellPlan(Cell("adamw", "uniform"), ladder, None, None, {},
+                                        [(1.6e-2, 0)]), {})
+    table = report.sweep_table([r])
+    assert "| 0.002 | **2.1000** |" not in table   # no best before the ladder is settled
+    r.plan.best_lr = 2e-3
+    table = report.sweep_table([r])
+    assert "| 0.002 | **2.1000** |" in table and "| 0.008 | diverged |" in table
+    assert "| 0.016 | (to run) |" in table
+
+
+def test_factor_series_and_lr_weighted_means_match_numpy():
+    path = "model/layers/{}/{}/kernel"
+    def rec(step, up, q, stacked=False):
+        scale = {path.format(0, "mlp/up_proj"): up, path.format(1, "mlp/up_proj"): up + 1.0,
+                 path.format(0, "self_attn/q_proj"): q, "model/embed_tokens/embedding": 5.0}
+        if stacked:
+            scale = {"model/layers/mlp/up_proj/kernel": [up, up + 1.0],
+                     "model/layers/self_attn/q_proj/kernel": [q],
+                     "model/embed_tokens/embedding": 5.0}
+        return {"kind": "scale", "step": step, "scale": scale}
+    records = [rec(0, 1.0, 2.0), rec(3, 2.0, 1.0), rec(7, 4.0, 1.5)]
+    series = llr_factors.per_step(records, 10)
+    np.testing.assert_allclose(series["mlp_up"], [1.5] * 3 + [2.5] * 4 + [4.5] * 3)
+    np.testing.assert_allclose(series["attn_q"], [2.0] * 3 + [1.0] * 4 + [1.5] * 3)
+    stacked = llr_factors.per_step([rec(0, 1.0, 2.0, True), rec(3, 2.0, 1.0, True),
+                                    rec(7, 4.0, 1.5, True)], 10)
+    np.testing.assert_allclose(stacked["mlp_up"], series["mlp_up"])
+    lrs = np.linspace(1.0, 0.1, 10)
+    means = llr_factors.mean_factors([records, records], lrs)
+    assert means["mlp_up"] == pytest.approx(np.sum(lrs * series["mlp_up"]) / np.sum(lrs))
+    assert means["embed"] == pytest.approx(5.0) and set(means) == {"embed", "attn_q", "mlp_up"}
+    assert llr_factors.factor_file({"mlp_up": 2.345678}) == {"mlp_up": 2.346}
+
+
+# --- the whole command on a fake cache ---------------------------------------------------
+
+
+def fake_loss(cfg):
+    """A made-up final loss: a bowl in log2(lr) whose center depends on the method."""
+    best = {"uniform": 3e-3, "alpha_hill": 1.5e-3, "module_constant": 1.5e-3}.get(
+        cfg["method"], 3e-3)
+    return 2.0 + (math.log2(cfg["lr"] / best)) ** 2 / 20 + 0.002 * cfg["seed"] + (
+        0.0 if cfg["method"] == "uniform" else -0.03)
+
+
+class FakeTrain:
+    def __init__(self):
+        self.runs = []
+
+    def __call__(self, request: Path, log: Path) -> int:
+        cfg = json.loads(request.read_text())
+        self.runs.append((cfg["method"], cfg["lr"], cfg["seed"]))
+        final = fake_loss(cfg)
+        n, every = cfg["steps"] // cfg["eval_every"], cfg["eval_every"]
+        records = [{"kind": "eval", "step": every * (i + 1),
+                    "val_loss": final + 2.0 * (1 - (i + 1) / n) ** 2} for i in range(n)]
+        if cfg["method"] == "alpha_hill":
+            scale = {"model/layers/0/mlp/up_proj/kernel": 4.0,
+                     "model/layers/0/self_attn/q_proj/kernel": 1.2,
+                     "model/embed_tokens/embedding": 5.0}
+            records += [{"kind": "alpha", "step": 0, "alpha": {
+                "model/layers/0/mlp/up_proj/kernel": 3.1,
+                "model/layers/0/self_attn/q_proj/kernel": 2.1}},
+                        {"kind": "scale", "step": 0, "scale": scale}]
+        Path(cfg["out_dir"], "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records))
+        return 0
+
+
+@pytest.fixture
+def fake_results(monkeypatch):
+    fake = FakeTrain()
+    monkeypatch.setattr(results, "RunCache", lambda root: RunCache(root, fake))
+    return fake
+
+
+def test_command_runs_the_grid_in_order_and_writes_the_page(tmp_path, fake_results):
+    page = tmp_path / "results.md"
+    page.write_text("old\n" + results_page.KEEP_MARKER + "\n## MoE\nkept text\n")
+    argv = ["--runs", str(tmp_path / "cache"), "--report", str(page), "--cells",
+            "adamw/uniform,adamw/alpha_hill,adamw/module_constant"]
+    assert results.main(argv) == 0
+    runs = fake_results.runs
+    # uniform: 5-point ladder (interior best 3e-3) + 2 seeds; alpha_hill: its best 1.5e-3 is
+    # interior; the ablation: 3 seeds at alpha_hill's best LR.
+    assert runs[:7] == [("uniform", lr, 0) for lr in (7.5e-4, 1.5e-3, 3e-3, 6e-3, 1.2e-2)] + [
+        ("uniform", 3e-3, 1), ("uniform", 3e-3, 2)]
+    assert runs[-3:] == [("module_constant", 1.5e-3, s) for s in range(3)]
+    assert len(runs) == 17
+    text = page.read_text()
+    assert "Regenerate with `python -m train.results --runs" in text
+    assert "3 of 26 cells complete, 17 runs" in text
+    assert "- muon/uniform: LR grid 0/5 run (not started)" in text
+    assert "## Best vs best: adamw" in text and "| alpha_hill | 0.0015 |" in text
+    assert "| mlp_up" not in text and "| up | 3.10 | 4.00 | 4.00 | 4.00 |" in text
+    assert "module_constant minus alpha_hill" in text
+    assert text.rstrip().endswith("## MoE\nkept text") and "old" not in text.split("\n")[0]
+    for png in ("lr_sweeps", "curves", "speedups", "llr_factors"):
+        assert (tmp_path / f"results_{png}.png").stat().st_size > 1000
+    # The ablation's factors are alpha_hill's means, handed over as --module-factors.
+    request = next((tmp_path / "cache" / "requests").glob("adamw-module_constant-*"))
+    assert json.loads(request.read_text())["module_factors"] == {
+        "embed": 5.0, "attn_q": 1.2, "mlp_up": 4.0}
+    # Everything is cached now: a second invocation trains nothing.
+    before = len(runs)
+    assert results.main(argv) == 0 and len(fake_results.runs) == before
+
+
+def test_stop_file_and_max_runs_stop_between_runs(tmp_path, fake_results):
+    argv = ["--runs", str(tmp_path / "cache"), "--report", str(tmp_path / "r.md"),
+            "--cells", "adamw/uniform", "--max-runs", "2"]
+    assert results.main(argv) == 0 and len(fake_results.runs) == 2
+    stop = tmp_path / "STOP"
+    stop.write_text("")
+    assert results.main(argv[:-2] + ["--stop-file", str(stop)]) == 0
+    assert len(fake_results.runs) == 2
+    assert results.main(argv[:-2] + ["--report-only"]) == 0 and len(fake_results.runs) == 2
+    assert "LR grid 2/5 run" in (tmp_path / "r.md").read_text()
+
+
+def test_unknown_cells_are_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        results.main(["--runs", str(tmp_path), "--cells", "adamw/nothing"])
+    assert e.value.code == 2 and "matches none of" in capsys.readouterr().err

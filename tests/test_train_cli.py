@@ -41,6 +41,8 @@ NON_DEFAULT = {
     "peak_tflops": ("--peak-tflops", "312", 312.0),
     "preset": ("--preset", "20m", "20m"), "method": ("--method", "alpha_hill", "alpha_hill"),
     "optimizer": ("--optimizer", "muon", "muon"),
+    "schedule": ("--schedule", "wsd", "wsd"), "decay_fraction": ("--decay-fraction", "0.3", 0.3),
+    "module_factors": (None, None, {"mlp": 2.0, "embed": 5.0}),
     "model_overrides": (None, None, {"num_layers": 2, "hidden": 64, "intermediate": 96,
                                      "num_heads": 8, "num_kv_heads": 2, "rope_theta": 500.0,
                                      "norm_eps": 1e-5, "tie_embeddings": True}),
@@ -54,10 +56,12 @@ def _parse(argv):
     return cli.config_from_args(cli.build_parser().parse_args(argv))
 
 
-def test_every_config_field_is_reachable_from_the_command_line():
+def test_every_config_field_is_reachable_from_the_command_line(tmp_path):
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert fields == set(NON_DEFAULT), "a TrainConfig field without a flag (or a stale test)"
-    argv = list(MODEL_ARGV)
+    factors = tmp_path / "factors.json"
+    factors.write_text(json.dumps(NON_DEFAULT["module_factors"][2]))
+    argv = list(MODEL_ARGV) + ["--module-factors", str(factors)]
     for flag, value, _ in NON_DEFAULT.values():
         if flag is not None:
             argv += [flag] if value is None else [flag, value]
@@ -103,6 +107,29 @@ def test_bad_config_files_are_one_line_errors(content, name, message, tmp_path, 
     path.write_text(content)
     with pytest.raises(SystemExit) as e:
         cli.main(["--config", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("argv, content, message", [
+    (["--method", "module_constant"], None, "needs --module-factors FILE"),
+    (["--method", "module_constant", "--module-factors"], "[2.0]", "must hold a JSON object"),
+    (["--method", "module_constant", "--module-factors"], "{oops", "not a readable JSON file"),
+    (["--method", "module_constant", "--module-factors"], '{"mlp": -1}',
+     "expected module type -> positive number"),
+    (["--schedule", "wsd", "--warmup-fraction", "0.5", "--decay-fraction", "0.6"], None,
+     "must end before the decay"),
+    (["--schedule", "linear"], None, "Unknown schedule 'linear'"),
+    (["--decay-fraction", "0"], None, "decay_fraction must lie in (0, 1]"),
+])
+def test_schedule_and_module_factor_errors_are_one_line(argv, content, message, tmp_path,
+                                                       capsys):
+    if content is not None:
+        path = tmp_path / "factors.json"
+        path.write_text(content)
+        argv = argv + [str(path)]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and message in err[0], err
 

@@ -35,6 +35,22 @@ def _optional(kind):
     return parse
 
 
+def _factors_file(path: str) -> dict:
+    """``--module-factors FILE``: a JSON object module type -> LR factor."""
+    import json  # pylint: disable=import-outside-toplevel
+
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"{path!r} is not a readable JSON file ({e})") from None
+    if not isinstance(values, dict):
+        raise argparse.ArgumentTypeError(
+            f"{path!r} must hold a JSON object module type -> factor, e.g. {{\"mlp\": 2.0}}")
+    return values
+
+
+_factors_file.__name__ = "module factors file"
+
 # (flag, TrainConfig field, type, help). Only flags given on the command line override
 # the preset (and --config), so each default shown in --help is the tiny preset's value.
 _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
@@ -103,6 +119,14 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--peak-tflops", "peak_tflops", _optional(float),
      "peak dense TFLOP/s of one device, for the MFU (default: known GPUs/TPUs, bf16 data "
      "sheet figures; none on CPU)"),
+    ("--schedule", "schedule", str, "base LR schedule: cosine (warmup, cosine to "
+                                    "final-lr-fraction x lr) or wsd (warmup, stable, then "
+                                    "linear decay to final-lr-fraction x lr)"),
+    ("--decay-fraction", "decay_fraction", float, "wsd: the decay takes this fraction of "
+                                                  "the steps"),
+    ("--module-factors", "module_factors", _factors_file,
+     "module_constant: JSON file of constant LR factors per module type or group, e.g. "
+     "{\"mlp\": 2.0, \"embed\": 5.0} (others keep 1)"),
 )
 # Model shape overrides (model_overrides): (flag, model config field, type, help).
 _MODEL_FLAGS: tuple[tuple[str, str, Any, str], ...] = (

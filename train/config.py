@@ -17,9 +17,13 @@ from typing import Any
 
 METHODS = (
     "uniform", "alpha_hill", "init_grad", "relative", "lars", "lamb", "tempbalance",
-    "upper_bound", "blockwise", "alpha_decay",
+    "upper_bound", "blockwise", "alpha_decay", "module_constant",
 )
-OPTIMIZERS = ("adamw", "muon")
+# Lion and SGD (with momentum) as in the init-grad paper: every chainable method runs on them.
+OPTIMIZERS = ("adamw", "muon", "lion", "sgd")
+# Base LR schedules (``--schedule``): warmup + cosine, or warmup-stable-decay (see
+# train/optimizers.py: the decay is linear over the last ``decay_fraction`` of the steps).
+SCHEDULES = ("cosine", "wsd")
 # Axes of the device mesh (``--mesh``): pure data parallelism, FSDP (parameters and
 # optimizer state split along the model width, batch split too) and tensor parallelism
 # (heads / MLP / vocabulary dimensions split). See train/mesh.py.
@@ -145,6 +149,13 @@ class TrainConfig:
       peak_tflops: Peak dense TFLOP/s of ONE device, for the MFU column; ``None``
         takes it from a table of known accelerators (``train.reporting``), and no MFU
         is reported for devices not in it (e.g. CPUs).
+      schedule: Base LR schedule, ``"cosine"`` (warmup, cosine to
+        ``final_lr_fraction * lr``) or ``"wsd"`` (warmup, stable at ``lr``, then linear
+        down to ``final_lr_fraction * lr`` over the last ``decay_fraction`` of the steps).
+      decay_fraction: ``wsd``: fraction of the steps the decay takes.
+      module_factors: ``module_constant``: a constant LR factor per module type, label or
+        group (``{"mlp": 2.0, "embed": 5.0}``; labels not covered keep 1), e.g. the mean
+        factors an alpha_hill run applied (``python -m train.results``' ablation).
     """
 
     preset: str = "tiny"
@@ -192,6 +203,9 @@ class TrainConfig:
     profile: str = ""
     compilation_cache_dir: str = ""
     peak_tflops: float | None = None
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
+    module_factors: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         _check_choice("preset", self.preset, MODEL_PRESETS)
@@ -263,13 +277,20 @@ class TrainConfig:
                                  f"only, not {self.method!r}")
             object.__setattr__(self, "multipliers",
                                check_multipliers(self.multipliers, "multipliers"))
+        _check_schedule(self)
         # A plain dict keeps to_dict/from_dict symmetric (and JSON-friendly).
         object.__setattr__(self, "model_overrides", dict(self.model_overrides))
+        object.__setattr__(self, "module_factors", dict(self.module_factors))
 
     @property
     def warmup_steps(self) -> int:
         """Linear-warmup length in steps (always < ``steps``)."""
         return min(int(round(self.warmup_fraction * self.steps)), self.steps - 1)
+
+    @property
+    def decay_steps(self) -> int:
+        """``wsd``: length of the final decay in steps (at least 1)."""
+        return max(1, int(round(self.decay_fraction * self.steps)))
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (validated again)."""
@@ -279,6 +300,7 @@ class TrainConfig:
         """A JSON-serialisable dict of all fields."""
         out = dataclasses.asdict(self)
         out["model_overrides"] = dict(self.model_overrides)
+        out["module_factors"] = dict(self.module_factors)
         return out
 
     @classmethod
@@ -419,6 +441,28 @@ def load_multipliers_file(path: str) -> tuple[dict[str, Any], dict[str, float]]:
 def _positive_number(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and value > 0)
+
+
+def _check_schedule(cfg: TrainConfig) -> None:
+    """``schedule``, ``decay_fraction`` and ``module_factors`` (one-line errors)."""
+    _check_choice("schedule", cfg.schedule, SCHEDULES)
+    if not (isinstance(cfg.decay_fraction, (int, float)) and 0.0 < cfg.decay_fraction <= 1.0):
+        raise ValueError(f"decay_fraction must lie in (0, 1], got {cfg.decay_fraction!r}")
+    if cfg.schedule == "wsd" and cfg.warmup_steps > cfg.steps - cfg.decay_steps:
+        raise ValueError(
+            f"--schedule wsd: the warmup ({cfg.warmup_steps} steps) must end before the decay "
+            f"(the last {cfg.decay_steps} of {cfg.steps} steps) starts; lower "
+            "--warmup-fraction or --decay-fraction")
+    if not isinstance(cfg.module_factors, Mapping):
+        raise ValueError(f"module_factors must be a mapping, got {cfg.module_factors!r}")
+    for key, value in dict(cfg.module_factors).items():
+        if not (isinstance(key, str) and isinstance(value, (int, float))
+                and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+            raise ValueError(f"module_factors: expected module type -> positive number, got "
+                             f"{key!r}: {value!r}")
+    if cfg.method == "module_constant" and not cfg.module_factors:
+        raise ValueError("--method module_constant needs --module-factors FILE (a JSON "
+                         "object: module type -> LR factor, e.g. {\"mlp\": 2.0})")
 
 
 def parse_mesh(text: str) -> dict[str, int]:

@@ -10,7 +10,9 @@ synthetic curves:
 * `best_point` and `grid_extension`: each method's best LR on a grid, and whether the grid must
   grow because the best point is at an edge;
 * `mean_se` and `difference`: mean and standard error over seeds, and a difference of means with
-  its standard error.
+  its standard error;
+* `mean_curve` and `speedups`: the seed-averaged validation curve, and the speed-up of a method
+  over the tuned baseline both from the averaged curves and seed by seed.
 """
 
 from __future__ import annotations
@@ -94,3 +96,42 @@ def difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     """`mean(a) - mean(b)` and its standard error `sqrt(se_a^2 + se_b^2)` (independent seeds)."""
     (ma, sa), (mb, sb) = mean_se(a), mean_se(b)
     return ma - mb, math.sqrt(sa * sa + sb * sb)
+
+
+def mean_curve(curves: Sequence[tuple[Sequence[float], Sequence[float]]]
+               ) -> tuple[list[float], list[float]]:
+    """The pointwise mean of `(tokens, losses)` curves over the evaluations they all have.
+
+    Seeds of one configuration evaluate at the same steps; a curve cut short (a run still
+    going) limits the mean to its length.
+
+    Raises:
+      ValueError: no curves, or curves whose common evaluations are at different tokens.
+    """
+    if not curves:
+        raise ValueError("no curves")
+    n = min(len(t) for t, _ in curves)
+    tokens = list(curves[0][0][:n])
+    if any(list(t[:n]) != tokens for t, _ in curves):
+        raise ValueError("the curves are evaluated at different tokens")
+    return tokens, [sum(l[i] for _, l in curves) / len(curves) for i in range(n)]
+
+
+def speedups(baseline: Sequence[tuple[Sequence[float], Sequence[float]]],
+             method: Sequence[tuple[Sequence[float], Sequence[float]]]
+             ) -> tuple[float | None, list[float | None]]:
+    """The papers' speed-up of `method` over the tuned `baseline`, each a list of seed curves.
+
+    The target is the baseline's mean final loss; the baseline needs the tokens at which its
+    seed-averaged curve first reaches it. Returns the speed-up of the method's seed-averaged
+    curve and that of each of its seeds (None where a curve never reaches the target).
+    """
+    target = sum(l[-1] for _, l in baseline) / len(baseline)
+    base = mean_curve(baseline)
+    t_base = tokens_to_reach(*base, target)
+    if t_base is None:   # cannot happen: the mean curve ends at the target
+        raise ValueError("the baseline never reaches its own mean final loss")
+    overall = speedup(base, mean_curve(method), target)
+    per_seed = [None if (t := tokens_to_reach(*curve, target)) is None else t_base / t
+                for curve in method]
+    return overall, per_seed

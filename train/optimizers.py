@@ -8,6 +8,13 @@ Every layer-wise method has the same shape (docs/methods.md)::
 The methods differ only in the last link (and ``relative`` in the schedule it pairs
 with). LARS and LAMB are whole optimizers and replace the base instead.
 
+Base schedules (``cfg.schedule``): ``cosine`` (linear warmup, cosine to
+``final_lr_fraction * lr``) or ``wsd`` (linear warmup, flat at ``lr``, then LINEAR down to
+``final_lr_fraction * lr`` over the last ``decay_fraction`` of the steps). Both are
+``lr * (c(t) + f (1 - c(t)))`` after warmup for a progress ``c`` going 1 -> 0, so the
+module tables of ``relative``/``blockwise``/``module_constant`` follow the same ``c(t)``
+on either (see ``llr_optax.relative_schedule(progress=...)``).
+
 With ``accumulate > 1`` the whole chain sits inside ``optax.MultiSteps``: it sees the
 mean gradient of ``accumulate`` micro-batches once per update, so every count in it
 (the schedule's, alpha_hill's recompute clock, relative's cosine) counts real updates.
@@ -17,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+import functools
 
 import jax
 import optax
@@ -33,20 +42,28 @@ TEMPBALANCE = dict(s_min=0.5, s_max=1.5, fixed_scales={"embed": 1.0, "head": 1.0
                    ramp_steps=0, total_steps=None)
 
 
-def base_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup to ``lr``, then cosine to ``final_lr_fraction * lr`` at ``steps``.
+def schedule_progress(cfg: TrainConfig) -> Callable[[Any], Any] | None:
+    """``c(t)`` of the base schedule for the module tables; ``None`` is the cosine."""
+    if cfg.schedule == "wsd":
+        return functools.partial(llr_optax.wsd_progress, total_steps=cfg.steps,
+                                 decay_steps=cfg.decay_steps)
+    return None
 
-    For ``relative`` it is ``llr_optax.relative_base_schedule`` with the table's final
-    fraction (:func:`relative_table`), the schedule ``relative_schedule`` divides by
-    (built from the same numbers in :func:`method_transform`, so the two cannot disagree).
+
+def base_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup to ``lr``, then cosine (or WSD's stable + linear decay) to
+    ``final_lr_fraction * lr`` at ``steps``.
+
+    For ``relative`` the final fraction is the table's (:func:`relative_table`): the
+    schedule ``relative_schedule`` divides by (built from the same numbers in
+    :func:`method_transform`, so the two cannot disagree).
     """
     lr = cfg.lr * (cfg.s_max if cfg.method == "upper_bound" else 1.0)
-    if cfg.method == "relative":
-        return llr_optax.relative_base_schedule(
-            lr, cfg.steps, relative_table(cfg)[1], cfg.warmup_steps)
-    if cfg.method == "blockwise":
-        return llr_optax.relative_base_schedule(
-            lr, cfg.steps, cfg.final_lr_fraction, cfg.warmup_steps)
+    final = (relative_table(cfg)[1] if cfg.method == "relative"
+             else cfg.final_lr_fraction)
+    if cfg.method in _TABLE_METHODS or cfg.schedule != "cosine":
+        return llr_optax.relative_base_schedule(lr, cfg.steps, final, cfg.warmup_steps,
+                                                progress=schedule_progress(cfg))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.steps, end_value=cfg.final_lr_fraction * lr)
@@ -63,6 +80,10 @@ def relative_table(cfg: TrainConfig) -> tuple[dict[str, tuple[float, float]], fl
     if model_family(cfg.preset) == "moe":
         return dict(llr_optax.MOE_MULTIPLIERS), llr_optax.MOE_FINAL_FRACTION
     return dict(llr_optax.DENSE_MULTIPLIERS), llr_optax.DENSE_FINAL_FRACTION
+
+
+# Methods that are a module table on the base schedule (llr_optax.relative_schedule).
+_TABLE_METHODS = ("relative", "blockwise", "module_constant")
 
 
 def base_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -86,6 +107,15 @@ def base_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.Gradient
             interval=cfg.interval, min_eigenvalues=cfg.min_eigenvalues)
     if cfg.optimizer == "adamw":
         return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "lion":
+        # Decoupled weight decay, as optax.adamw (the init-grad paper: b1 0.95, b2 0.98,
+        # weight decay 1.0 on GPT-2; pass them with --b1/--b2/--weight-decay).
+        return optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        # Heavy-ball momentum (b1) with L2 weight decay added to the gradient, as
+        # torch.optim.SGD(weight_decay=...) in the init-grad paper's SGD runs.
+        return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                           optax.sgd(schedule, momentum=cfg.b1))
     return optax.contrib.muon(
         schedule, beta=cfg.b1, weight_decay=cfg.weight_decay,
         adam_b1=cfg.b1, adam_b2=cfg.b2, adam_weight_decay=cfg.weight_decay,
@@ -111,16 +141,22 @@ def method_transform(cfg: TrainConfig, init_scales: Any = None) -> optax.Gradien
         return llr_optax.scale_by_alpha_hill(
             interval=cfg.interval, min_eigenvalues=cfg.min_eigenvalues, spread=cfg.spread,
             **TEMPBALANCE)
+    progress = schedule_progress(cfg)
     if cfg.method == "relative":
         multipliers, final_fraction = relative_table(cfg)
         return llr_optax.relative_schedule(multipliers, cfg.steps, final_fraction,
-                                           cfg.warmup_steps)
+                                           cfg.warmup_steps, progress=progress)
     if cfg.method == "blockwise":
         # Wang et al.'s peak-LR ratios, every block decaying to the run's common floor
         # (final_lr_fraction * lr), as in their code; see llr_optax.BLOCKWISE_MULTIPLIERS.
         return llr_optax.relative_schedule(
             llr_optax.BLOCKWISE_MULTIPLIERS, cfg.steps, cfg.final_lr_fraction,
-            cfg.warmup_steps)
+            cfg.warmup_steps, progress=progress)
+    if cfg.method == "module_constant":
+        # start = end: the factor (a c + f a (1 - c)) / (c + f (1 - c)) is `a` at every step.
+        return llr_optax.relative_schedule(
+            {k: (float(v), float(v)) for k, v in cfg.module_factors.items()}, cfg.steps,
+            cfg.final_lr_fraction, cfg.warmup_steps, progress=progress)
     if cfg.method == "init_grad":
         if init_scales is None:
             raise ValueError("method 'init_grad' needs init_scales= (measure_init_grad)")

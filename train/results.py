@@ -1,272 +1,247 @@
 """The evidence behind ``docs/results.md``: ``python -m train.results``.
 
-Runs, on one preset (default ``tiny``):
+Every cell (base optimizer x method x schedule, :data:`CELLS`, in the order they are run)
+gets its own LR grid and then several seeds at its best LR (``train.grid``); the page
+compares each method at its own best LR with the tuned uniform baseline of the same
+optimizer and schedule, in final loss (± standard error) and in the papers' speed-up
+(tokens to reach tuned uniform's final validation loss, ``train.evidence``).
 
-1. the method grid: every method with AdamW and every chainable method with Muon, several
-   seeds each (``python -m train.compare`` per (optimizer, method), so each group's runs,
-   table and plots stay in their own folder);
-2. the LR sweep: ``uniform`` and ``alpha_hill`` with AdamW at several peak LRs (the LLR
-   paper's claim is that the layer-wise method works at the uniform baseline's best LR);
-
-then writes a markdown report (default ``docs/results.md``) with mean ± std over seeds of
-the final validation loss and bits per byte, and two figures next to it.
-
-Every run has its own folder (``runs/results/{grid,sweep}/<group>/seed<k>``); interruption
-loses at most the run in progress: a run whose ``results.json`` exists is read back instead of
-rerun (``--rerun`` forces a fresh start). So the report can also be grown step by step, e.g.
-``--methods uniform,alpha_hill`` first and the rest later.
+Every run is cached by its configuration (``train.run_cache``), so the command can be
+stopped at any time and started again: it reads finished runs back, resumes an
+interrupted one from its checkpoint and only trains what is missing. Build the grid up
+with ``--cells`` and ``--max-runs``; ``--report-only`` rewrites the page from the cache
+without training; a ``--stop-file`` that appears stops it after the run in progress.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import fnmatch
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from train import compare
 from train import config as config_lib
+from train import grid, report, results_page
+from train.grid import Cell
+from train.run_cache import RunCache, RunFailed, RunInterrupted
 
-GRID_METHODS = ("uniform", "alpha_hill", "tempbalance", "relative", "init_grad", "lars", "lamb")
-SWEEP_METHODS = ("uniform", "alpha_hill")
-SWEEP_LRS = (1e-3, 3e-3, 1e-2)
+# Run settings per preset, on top of the preset's own (why: results_page.SETUP_NOTES).
+# tiny: 1500 steps of 16 x 128 tokens (3.1 M tokens, 1.13 epochs of the default corpus'
+# training split), about 5 min per run on 2 quiet CPU cores; 25 evaluations on a fixed
+# 65,536-token subset of the validation split (the first 8 batches of 64 x 128): a full
+# pass costs ~20 training steps, 25 of them would add a third to every run.
+# alpha_hill/tempbalance/alpha_decay keep the tiny preset's proportions (6 recomputes over
+# the first 20% of the run, each ramped over half an interval).
+RUN_SETTINGS = {
+    "tiny": dict(steps=1500, eval_every=60, eval_batches=8, val_batch_size=64, log_every=25,
+                 checkpoint_every=250, keep_checkpoints=1, interval=50, ramp_steps=25),
+    "20m": dict(steps=2000, eval_every=80, eval_batches=16, val_batch_size=64, log_every=25,
+                checkpoint_every=500, keep_checkpoints=1),
+    "60m": dict(steps=10000, eval_every=400, eval_batches=16, val_batch_size=64,
+                log_every=50, checkpoint_every=1000, keep_checkpoints=1),
+}
+# RLRS as published: 1% warmup (the other methods keep the preset's 10%).
+_RLRS = (("warmup_fraction", 0.01),)
+# The init-grad paper's Lion (GPT-2): b1 0.95, b2 0.98, weight decay 1.0; our SGD has no
+# paper setting for language models: heavy-ball 0.9, L2 1e-4 (its ImageNet value).
+_LION = (("b1", 0.95), ("b2", 0.98), ("weight_decay", 1.0))
+_SGD = (("b1", 0.9), ("weight_decay", 1e-4))
+# Centers of the LR ladders: the preset's AdamW LR (3e-3 on tiny; Muon shares it through
+# consistent_rms), LARS/LAMB's own (train/compare.py), Lion 5x lower (the paper's
+# AdamW/Lion ratio, 6e-4/1.2e-4), SGD a guess the ladder extends from.
+_LARS, _LAMB, _LION_LR, _SGD_LR = 1e-2, 3e-2, 6e-4, 0.5
+
+
+def cells_for(center: float) -> list[Cell]:
+    """The grid, in the order it is run (what matters most first)."""
+    adamw = [Cell("adamw", m, center_lr=center, overrides=_RLRS if m == "relative" else ())
+             for m in ("uniform", "alpha_hill", "relative", "init_grad", "blockwise",
+                       "alpha_decay", "tempbalance")]
+    ablation = [Cell("adamw", "module_constant", fixed_lr_of="adamw/alpha_hill")]
+    muon = [Cell("muon", m, center_lr=center, overrides=_RLRS if m == "relative" else ())
+            for m in ("uniform", "alpha_hill", "relative", "init_grad", "blockwise",
+                      "tempbalance")]
+    rest = [Cell("adamw", "upper_bound", fixed_lr_of="adamw/alpha_hill"),
+            Cell("muon", "upper_bound", fixed_lr_of="muon/alpha_hill"),
+            Cell("adamw", "lars", center_lr=_LARS), Cell("adamw", "lamb", center_lr=_LAMB)]
+    others = [Cell(o, m, center_lr=lr, overrides=extra) for o, lr, extra in
+              (("lion", _LION_LR, _LION), ("sgd", _SGD_LR, _SGD)) for m in ("uniform", "init_grad")]
+    wsd = [Cell("adamw", m, "wsd", center_lr=center, overrides=_RLRS if m == "relative" else ())
+           for m in ("uniform", "alpha_hill", "blockwise", "relative")]
+    return adamw + ablation + muon + rest + others + wsd
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.results", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="tiny", choices=list(config_lib.PRESETS))
-    p.add_argument("--seeds", type=int, default=3, help="seeds per grid cell (default: 3)")
-    p.add_argument("--sweep-seeds", type=int, default=1, help="seeds per sweep point (default: 1)")
-    p.add_argument("--standalone-seeds", type=int, default=1,
-                   help="seeds for lars/lamb, whole optimizers of their own shown for "
-                        "reference (default: 1)")
-    p.add_argument("--methods", default=",".join(GRID_METHODS),
-                   type=lambda s: compare._parse_list(s, config_lib.METHODS, "method"))
-    p.add_argument("--optimizers", default="adamw,muon",
-                   type=lambda s: compare._parse_list(s, config_lib.OPTIMIZERS, "optimizer"))
-    p.add_argument("--muon-methods", default=None,
-                   type=lambda s: compare._parse_list(s, config_lib.METHODS, "method"),
-                   help="methods run with muon (default: the same as --methods)")
-    p.add_argument("--sweep-lrs", default=",".join(f"{x:g}" for x in SWEEP_LRS),
-                   type=lambda s: [float(x) for x in s.split(",") if x.strip()])
-    p.add_argument("--steps", type=int, default=None, help="override the preset's steps")
-    p.add_argument("--runs", default="runs/results", help="where the runs are kept")
-    p.add_argument("--report", default="docs/results.md", help="the markdown report to write")
-    p.add_argument("--rerun", action="store_true", help="rerun groups that already have results")
+    p = argparse.ArgumentParser(prog="python -m train.results",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny", choices=sorted(RUN_SETTINGS))
+    p.add_argument("--cells", default="*",
+                   help="comma-separated cell names or patterns to run, e.g. "
+                        "'adamw/uniform,adamw/alpha_hill' or 'muon/*' (default: all; the "
+                        "report shows every cell the cache has runs for)")
+    p.add_argument("--page-cells", default="*",
+                   help="the cells the page covers, as --cells (default: all)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds at each best LR (default 3)")
+    p.add_argument("--runs", default="runs/results",
+                   help="the run cache (keep it outside a git checkout)")
+    p.add_argument("--report", default="docs/results.md", help="the page to write")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite the page from the runs in the cache")
+    p.add_argument("--max-runs", type=int, default=None,
+                   help="train at most this many runs in this invocation")
+    p.add_argument("--stop-file", default=None,
+                   help="stop launching runs once this file exists (the run in progress "
+                        "finishes)")
+    p.add_argument("--list", action="store_true", help="print the cells and their state; "
+                                                       "train nothing, write nothing")
     return p
 
 
-def _group(args, out: Path, optimizer: str, method: str, seeds: int,
-           lr: float | None = None) -> list[dict]:
-    """The results of one (optimizer, method, lr) group, one seed per folder: a seed whose
-    ``results.json`` exists is read back, the others are run."""
-    found = []
-    for seed in range(seeds):
-        where = out / f"seed{seed}"
-        done = where / "results.json"
-        if done.exists() and not args.rerun:
-            print(f"= {where}: already done, reading it back", flush=True)
-        else:
-            argv = ["--preset", args.preset, "--methods", method, "--optimizers", optimizer,
-                    "--seeds", "1", "--first-seed", str(seed), "--out", str(where),
-                    "--no-progress"]
-            argv += ["--steps", str(args.steps)] if args.steps else []
-            argv += (["--lr", f"{lr:g}", "--method-lr", f"{method}={lr:g}"]
-                     if lr is not None else [])
-            print(f"> python -m train.compare {shlex.join(argv)}", flush=True)
-            compare.main(argv)
-        groups = json.loads(done.read_text(encoding="utf-8"))
-        found += next(iter(groups.values()))
-    return found
+class Grid:
+    """The cells of one preset over one run cache: configs, plans and results."""
+
+    def __init__(self, preset: str, cache: RunCache, seeds: int, page_cells: str = "*"):
+        self.preset, self.cache, self.seeds = preset, cache, seeds
+        self.base = {**RUN_SETTINGS[preset], "progress": False,
+                     "compilation_cache_dir": str(Path(cache.root) / "xla_cache")}
+        center = config_lib.PRESETS[preset]["lr"]
+        self.cells = cells_for(center)
+        self.page_cells = _selected(self.cells, page_cells)
+        self._factors: dict[str, float] | None = None
+
+    def config(self, cell: Cell, lr: float, seed: int) -> config_lib.TrainConfig:
+        values = {**self.base, **dict(cell.overrides), "method": cell.method,
+                  "optimizer": cell.optimizer, "schedule": cell.schedule, "lr": lr,
+                  "seed": seed}
+        if cell.method == "module_constant":
+            values["module_factors"] = self.ablation_factors() or {"other": 1.0}
+        return config_lib.from_preset(self.preset, **values)
+
+    def _lookup(self, cell: Cell):
+        def lookup(lr: float, seed: int) -> float | None:
+            record = self.cache.lookup(self.config(cell, lr, seed))
+            if record is None:
+                return None
+            return record.final_loss if record.final_loss is not None else float("inf")
+        return lookup
+
+    def plan(self, cell: Cell) -> grid.CellPlan:
+        fixed = None
+        if cell.fixed_lr_of:
+            other = self.plan(self.cell(cell.fixed_lr_of))
+            ready = other.complete and (cell.method != "module_constant"
+                                        or self.ablation_factors() is not None)
+            fixed = other.best_lr if ready else None
+        return grid.plan(cell, self._lookup(cell), seeds=self.seeds, fixed_lr=fixed)
+
+    def cell(self, name: str) -> Cell:
+        return next(c for c in self.cells if c.name == name)
+
+    def result(self, cell: Cell) -> report.CellResult:
+        plan = self.plan(cell)
+        runs = {}
+        for lr, _ in plan.ladder:
+            for seed in ([0] if lr != plan.best_lr else list(plan.seeds) or [0]):
+                record = self.cache.lookup(self.config(cell, lr, seed))
+                if record is not None:
+                    runs[(lr, seed)] = record
+        return report.CellResult(plan, runs)
+
+    def ablation_factors(self) -> dict[str, float] | None:
+        """alpha_hill's (AdamW) base-LR-weighted mean factor per module type, from its
+        seeds at its best LR; ``None`` until they are all done."""
+        if self._factors is not None:   # final once alpha_hill is complete
+            return self._factors
+        alpha = self.cell("adamw/alpha_hill")
+        plan = grid.plan(alpha, self._lookup(alpha), seeds=self.seeds)
+        if not plan.complete:
+            return None
+        runs = [self.cache.lookup(self.config(alpha, plan.best_lr, s)) for s in plan.seeds]
+        runs = [r for r in runs if r is not None and r.final_loss is not None]
+        if not runs:
+            return None
+        self._factors = results_page.ablation_factors(runs, self.config(alpha, plan.best_lr, 0))
+        return self._factors
 
 
-def _stats(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    mean, std = compare._mean_std(values)
-    return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} ± {std:.4f}"
+def _selected(cells: list[Cell], patterns: str) -> list[Cell]:
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    return [c for c in cells if any(fnmatch.fnmatchcase(c.name, p) for p in wanted)]
 
 
-def _final(results: list[dict], key: str) -> list[float]:
-    return [r["final"][key] for r in results if r.get("final") and r["final"].get(key) is not None]
-
-
-def grid_table(grid: dict[str, list[dict]]) -> str:
-    """Rows sorted by mean final validation loss within each optimizer."""
-    rows = []
-    for (optimizer, method), results in grid.items():
-        losses = _final(results, "val_loss")
-        mean = sum(losses) / len(losses) if losses else math.inf
-        tps = [r["tokens_per_sec"] for r in results if r.get("tokens_per_sec")]
-        lr = results[0]["config"]["lr"]
-        diverged = sum(1 for r in results if not r.get("final"))
-        rows.append((optimizer, mean, f"| {optimizer} | {method} | {lr:g} | {_stats(losses)} | "
-                     f"{_stats(_final(results, 'val_bpb'))} | "
-                     f"{sum(tps) / len(tps):,.0f} | {len(losses)}"
-                     + (f" ({diverged} diverged)" if diverged else "") + " |"))
-    order = {o: i for i, o in enumerate(dict.fromkeys(o for o, _ in grid))}
-    rows.sort(key=lambda r: (order[r[0]], r[1]))
-    head = ["| optimizer | method | peak lr | val loss (mean ± std) | bits/byte (mean ± std) "
-            "| tokens/s | seeds |", "|---|---|---|---|---|---|---|"]
-    return "\n".join(head + [r[2] for r in rows])
-
-
-def versus_uniform(grid: dict[tuple[str, str], list[dict]]) -> str:
-    """Each method's mean final val loss minus uniform's (same optimizer), with the standard
-    error of that difference, so a reader can tell a gap from seed noise."""
-    lines = []
-    for (optimizer, method), results in grid.items():
-        base = grid.get((optimizer, "uniform"))
-        if method == "uniform" or not base:
-            continue
-        a, b = _final(results, "val_loss"), _final(base, "val_loss")
-        if not a or not b:
-            continue
-        diff = sum(a) / len(a) - sum(b) / len(b)
-        var = lambda v: (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)
-                         if len(v) > 1 else 0.0)
-        se = math.sqrt(var(a) / len(a) + var(b) / len(b))
-        verdict = ("better" if diff < -2 * se else "worse" if diff > 2 * se
-                   else "within 2 standard errors")
-        lines.append(f"- {method} with {optimizer}: {diff:+.4f} nats vs uniform "
-                     f"(standard error {se:.4f}): {verdict}.")
-    return "\n".join(lines)
-
-
-def sweep_table(sweep: dict[tuple[str, float], list[dict]], lrs: list[float]) -> str:
-    methods = list(dict.fromkeys(m for m, _ in sweep))
-    head = ["| peak lr | " + " | ".join(f"{m} val loss" for m in methods) + " |",
-            "|---|" + "---|" * len(methods)]
-    lines = []
-    for lr in lrs:
-        cells = []
-        for m in methods:
-            losses = _final(sweep[(m, lr)], "val_loss")
-            cells.append(_stats(losses) if losses else "diverged")
-        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
-    return "\n".join(head + lines)
-
-
-def plot_sweep(sweep, lrs, path: Path) -> None:
-    from train import plots  # pylint: disable=import-outside-toplevel
-
-    plt = plots._pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in dict.fromkeys(m for m, _ in sweep):
-        xs, ys = [], []
-        for lr in lrs:
-            losses = _final(sweep[(m, lr)], "val_loss")
-            if losses:
-                xs.append(lr)
-                ys.append(sum(losses) / len(losses))
-        ax.plot(xs, ys, marker="o", label=m)
-    ax.set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss",
-           title="LR sweep (AdamW)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def build(g: Grid, cells: list[Cell], args: argparse.Namespace) -> str:
+    """Trains what ``cells`` miss, in order; returns why it stopped."""
+    started = 0
+    for cell in cells:
+        while True:
+            p = g.plan(cell)
+            if p.waiting_for:
+                print(f"= {cell.name}: waits for {p.waiting_for}", flush=True)
+                break
+            if not p.missing:
+                best = "-" if p.best_lr is None else f"{p.best_lr:.3g}"
+                print(f"= {cell.name}: complete (best lr {best})", flush=True)
+                break
+            if args.stop_file and Path(args.stop_file).exists():
+                return f"stop file {args.stop_file} exists"
+            if args.max_runs is not None and started >= args.max_runs:
+                return f"--max-runs {args.max_runs} reached"
+            lr, seed = p.missing[0]
+            phase = "LR grid" if p.best_lr is None else f"seeds at best lr {p.best_lr:.3g}"
+            ladder = ", ".join(f"{x:.3g}:{'-' if l is None else f'{l:.4f}'}"
+                               for x, l in p.ladder)
+            print(f"> {cell.name}: lr {lr:.4g} seed {seed} ({phase}; ladder {ladder})",
+                  flush=True)
+            record = g.cache.run(g.config(cell, lr, seed))
+            started += 1
+            final = record.final_loss
+            print(f"  {record.status}"
+                  + (f": final val loss {final:.4f}" if final is not None else "")
+                  + f" in {record.wall_seconds / 60:.1f} min "
+                  f"(CPU {record.cpu_seconds / 60:.1f} min)", flush=True)
+    return "every selected cell is complete"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    command = "python -m train.results" + (" " + shlex.join(argv if argv is not None
-                                                              else sys.argv[1:]))
-    runs = Path(args.runs)
-    start = time.perf_counter()
-    grid: dict[tuple[str, str], list[dict]] = {}
-    # Chainable methods first, the sweep next, LARS/LAMB (whole optimizers of their own) last.
-    per_optimizer = {"muon": args.muon_methods or args.methods}
-    cells = [(o, m) for o in args.optimizers for m in per_optimizer.get(o, args.methods)
-             if m not in config_lib.STANDALONE_METHODS
-             and (o == "adamw" or m not in config_lib.ADAMW_ONLY_METHODS)]
-    cells += [("adamw", m) for m in args.methods
-              if m in config_lib.STANDALONE_METHODS and "adamw" in args.optimizers]
-    standalone = [c for c in cells if c[1] in config_lib.STANDALONE_METHODS]
-    for optimizer, method in [c for c in cells if c not in standalone]:
-        grid[(optimizer, method)] = _group(args, runs / "grid" / f"{method}_{optimizer}",
-                                           optimizer, method, args.seeds)
-    sweep: dict[tuple[str, float], list[dict]] = {}
-    preset_lr = config_lib.PRESETS[args.preset]["lr"]
-    for method in SWEEP_METHODS:
-        for lr in args.sweep_lrs:
-            if lr == preset_lr and ("adamw", method) in grid:  # the grid ran this point already
-                sweep[(method, lr)] = grid[("adamw", method)][:args.sweep_seeds]
-                continue
-            sweep[(method, lr)] = _group(args, runs / "sweep" / f"{method}_lr{lr:g}", "adamw",
-                                         method, args.sweep_seeds, lr)
-    for optimizer, method in standalone:
-        grid[(optimizer, method)] = _group(args, runs / "grid" / f"{method}_{optimizer}",
-                                           optimizer, method, args.standalone_seeds)
-    elapsed = time.perf_counter() - start
-
-    from train import plots  # pylint: disable=import-outside-toplevel
-
-    report = Path(args.report)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    stem = report.with_suffix("")
-    curves = {o: {f"{m}": grid[(o2, m)] for (o2, m) in grid if o2 == o} for o in args.optimizers}
-    figures = []
-    for optimizer, groups in curves.items():
-        fig = Path(f"{stem}_{optimizer}_loss.png")
-        plots.plot_losses(groups, fig)
-        figures.append(fig)
-    sweep_fig = Path(f"{stem}_lr_sweep.png")
-    plot_sweep(sweep, args.sweep_lrs, sweep_fig)
-    figures.append(sweep_fig)
-
-    everything = [r for rs in [*grid.values(), *sweep.values()] for r in rs]
-    unique = {r.get("out_dir", id(r)): r for r in everything}.values()
-    run_minutes = sum(r.get("wall_seconds") or 0.0 for r in unique) / 60
-    cfg = next(iter(grid.values()))[0]["config"]
-    text = [
-        f"# Results: preset `{args.preset}`",
-        "",
-        f"Produced by `{command}` (reruns read finished groups back from `{runs}/`; "
-        "`--rerun` starts over). Every number below is what that command measured; nothing is "
-        "edited by hand.",
-        "",
-        f"Setup: {cfg['steps']} steps, batch {cfg['batch_size']} x {cfg['seq_len']} tokens, "
-        f"warmup {cfg['warmup_fraction']:.0%} + cosine to {cfg['final_lr_fraction']:g} x peak, "
-        f"weight decay {cfg['weight_decay']:g}, clip {cfg['clip']:g}. Final validation loss "
-        "is over the whole validation split (nats/token, byte-level tokens, so bits/byte = "
-        "loss / ln 2). Grid cells use the preset's peak LR except where `peak lr` says "
-        "otherwise (LARS/LAMB have their own, see `train/compare.py`). `tokens/s` is the "
-        "training throughput of the machine that ran the command, including any other load "
-        "on it: compare it across rows only on a quiet machine.",
-        "",
-        f"## Methods, {args.seeds} seeds each"
-        + (f" ({args.standalone_seeds} for LARS/LAMB)" if standalone else ""),
-        "",
-        "Sorted by mean final validation loss within each optimizer.",
-        "",
-        grid_table(grid),
-        "",
-        "Difference to uniform with the same optimizer (negative = lower loss; computed "
-        "from the table's runs, 'better'/'worse' only when the gap exceeds two standard "
-        "errors):",
-        "",
-        versus_uniform(grid),
-        "",
-        *[f"![{f.stem}]({f.name})" for f in figures[:-1]],
-        "",
-        f"## LR sweep: uniform vs alpha_hill (AdamW, {args.sweep_seeds} seed(s) per point; "
-        f"at the preset's lr {preset_lr:g} the grid's first seed(s))",
-        "",
-        sweep_table(sweep, args.sweep_lrs),
-        "",
-        f"![{sweep_fig.stem}]({sweep_fig.name})",
-        "",
-        f"Sum of the runs' own wall times: {run_minutes:.0f} min (including other load on the "
-        f"machine); this invocation took {elapsed / 60:.1f} min (runs read back cost nothing).",
-        "",
-    ]
-    report.write_text("\n".join(text), encoding="utf-8")
-    print(f"Wrote {report} and {', '.join(str(f) for f in figures)}")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    g = Grid(args.preset, RunCache(args.runs), args.seeds, args.page_cells)
+    cells = _selected(g.cells, args.cells)
+    for flag, chosen in (("--cells", cells), ("--page-cells", g.page_cells)):
+        if not chosen:
+            parser.error(f"{flag} matches none of: " + ", ".join(c.name for c in g.cells))
+    if args.list:
+        for cell in g.cells:
+            p = g.plan(cell)
+            state = "complete" if p.complete else report.missing_lines([p])[0].split(": ", 1)[1]
+            print(f"{cell.name:24s} {state}")
+        return 0
+    why = "--report-only"
+    if not args.report_only:
+        try:
+            why = build(g, cells, args)
+        except RunInterrupted as e:
+            print(f"interrupted: {e}", file=sys.stderr)
+            why = "interrupted"
+        except RunFailed as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted; the run in progress resumes next time", file=sys.stderr)
+            return 130
+    print(f"stopped: {why}; writing {args.report}", flush=True)
+    # The page names the command that builds ALL of it (not this invocation's selection).
+    defaults = build_parser().parse_args([])
+    command = ["python", "-m", "train.results"] + [
+        item for flag, value in (("--preset", args.preset), ("--runs", args.runs),
+                                 ("--report", args.report), ("--seeds", str(args.seeds)),
+                                 ("--page-cells", args.page_cells))
+        if value != str(getattr(defaults, flag[2:].replace("-", "_"))) for item in (flag, value)]
+    results_page.write(g, Path(args.report), shlex.join(command), time.strftime("%Y-%m-%d"))
     return 0
 
 

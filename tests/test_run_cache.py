@@ -1,0 +1,99 @@
+"""train.run_cache: runs keyed by configuration, outcomes, resumption; one real child run."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from train import run_cache
+from train.config import TrainConfig
+from train.run_cache import RunCache, RunFailed, RunInterrupted
+
+
+def cfg(**overrides):
+    return TrainConfig(**{"steps": 4, "eval_every": 2, **overrides})
+
+
+def test_key_names_what_determines_the_numbers():
+    base = cfg()
+    key = run_cache.config_key(base)
+    for changed in (dict(lr=1e-2), dict(seed=1), dict(eval_every=1), dict(eval_batches=2),
+                    dict(schedule="wsd"), dict(method="alpha_hill")):
+        assert run_cache.config_key(base.replace(**changed)) != key, changed
+    for same in (dict(out_dir="elsewhere"), dict(progress=False), dict(checkpoint_every=1),
+                 dict(compilation_cache_dir="/tmp/x"), dict(keep_checkpoints=5)):
+        assert run_cache.config_key(base.replace(**same)) == key, same
+    assert run_cache.run_name(base).startswith("adamw-uniform-cosine-lr0.003-seed0-")
+
+
+class FakeLauncher:
+    """Writes what python -m train would (metrics.jsonl) and returns a chosen status."""
+
+    def __init__(self, codes, diverge=False):
+        self.codes, self.diverge, self.calls = list(codes), diverge, 0
+
+    def __call__(self, request: Path, log: Path) -> int:
+        self.calls += 1
+        config = json.loads(request.read_text())
+        out = Path(config["out_dir"])
+        records = [{"kind": "eval", "step": s, "val_loss": 3.0 - 0.1 * s}
+                   for s in range(2, config["steps"] + 1, 2)]
+        if self.diverge:
+            records = records[:1] + [{"kind": "diverged", "step": 3, "loss": "nan"}]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        log.write_text("line one\nTraceback: boom\n")
+        return self.codes.pop(0)
+
+
+def test_finished_run_is_recorded_and_read_back_without_rerunning(tmp_path):
+    launcher = FakeLauncher([0])
+    cache = RunCache(tmp_path, launcher)
+    assert cache.lookup(cfg()) is None
+    record = cache.run(cfg())
+    assert record.status == "finished" and record.final_loss == pytest.approx(2.6)
+    tokens = 16 * 128
+    assert record.evals == [(2, 2 * tokens, 2.8), (4, 4 * tokens, pytest.approx(2.6))]
+    again = cache.lookup(cfg(out_dir="anywhere"))
+    assert again.evals == record.evals and launcher.calls == 1
+    assert again.cpu_seconds >= 0 and again.wall_seconds > 0
+
+
+def test_divergence_is_a_result_but_a_crash_is_an_error(tmp_path):
+    cache = RunCache(tmp_path, FakeLauncher([1], diverge=True))
+    record = cache.run(cfg(lr=10.0))
+    assert record.status == "diverged" and record.final_loss is None
+    crash = RunCache(tmp_path, FakeLauncher([1]))
+    with pytest.raises(RunFailed, match="exited with 1: line one | Traceback: boom"):
+        crash.run(cfg(lr=20.0))
+    assert crash.lookup(cfg(lr=20.0)) is None
+
+
+def test_interrupted_run_is_not_done_and_its_time_adds_to_the_retry(tmp_path):
+    launcher = FakeLauncher([3, 0])
+    cache = RunCache(tmp_path, launcher)
+    with pytest.raises(RunInterrupted, match="resumes"):
+        cache.run(cfg())
+    _, outcome, _ = cache.paths(cfg())
+    first = json.loads(outcome.read_text())
+    assert first["status"] == "interrupted" and cache.lookup(cfg()) is None
+    record = cache.run(cfg())
+    assert record.status == "finished" and record.wall_seconds > first["wall_seconds"]
+
+
+def test_a_real_child_run_through_python_m_train(tmp_path):
+    """The request file, the CLI and the metrics: a 4-step micro model in a child process."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i}: " + "the quick brown fox jumps. " * 40
+                                  for i in range(60)))
+    config = cfg(data=str(corpus), seq_len=16, batch_size=2, val_batch_size=2, eval_batches=2,
+                 model_overrides={"num_layers": 1, "hidden": 16, "intermediate": 32,
+                                  "num_heads": 2}, checkpoint_every=0, log_every=1,
+                 warmup_fraction=0.0)
+    cache = RunCache(tmp_path / "cache")
+    record = cache.run(config)
+    assert record.status == "finished", (record.directory / "train.log").read_text()[-2000:]
+    assert [s for s, _, _ in record.evals] == [2, 4]
+    assert all(math.isfinite(l) for _, _, l in record.evals)
+    assert record.config["out_dir"] == str(record.directory)
+    assert cache.lookup(config) is not None

@@ -1,0 +1,211 @@
+"""One training run per configuration, kept on disk: the cache behind ``python -m train.results``.
+
+A run is named by what determines its numbers (:func:`config_key`: every ``TrainConfig``
+field except where it is written and how it is displayed), so asking for the same
+configuration twice trains once. Layout under the cache root::
+
+    <name>/                 the run directory (metrics.jsonl, checkpoints/, train.log)
+    <name>.json             its outcome: status, config, wall and CPU seconds
+    requests/<name>.json    the config handed to ``python -m train --config``
+
+Each run is a child process (``python -m train --config ... --resume``), so a crash or a
+leak in one run cannot take the others with it, and an interrupted run continues from its
+last checkpoint when asked for again. Only finished and diverged runs count as done; a
+diverged run is a result (that LR is too high), not an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from train.config import TrainConfig
+from train.metrics_log import read_metrics
+
+# Fields that change where a run is written or how it is shown, not its numbers. The
+# evaluation cadence (eval_every, eval_batches) and log_every DO count: they decide which
+# points of the curves exist.
+_NOT_IN_KEY = frozenset({"out_dir", "progress", "compilation_cache_dir", "checkpoint_every",
+                         "keep_checkpoints", "tensorboard", "profile", "peak_tflops", "mesh"})
+FINISHED, DIVERGED = "finished", "diverged"
+# python -m train's exit statuses (train/__main__.py); 1 is also a crash's.
+_EXIT_FINISHED, _EXIT_DIVERGED, _EXIT_SIGNAL, _EXIT_INTERRUPTED = 0, 1, 3, 130
+
+
+class RunInterrupted(RuntimeError):
+    """A run was stopped by a signal (its checkpoint is kept: asking again resumes it)."""
+
+
+class RunFailed(RuntimeError):
+    """A run ended with an error that is not divergence (bad config, crash)."""
+
+
+def config_key(cfg: TrainConfig) -> str:
+    """12 hex digits naming everything that determines the run's numbers."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_KEY}
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """A readable, unique directory name: optimizer, method, schedule, lr, seed, key."""
+    return (f"{cfg.optimizer}-{cfg.method}-{cfg.schedule}-lr{cfg.lr:.4g}-seed{cfg.seed}-"
+            f"{config_key(cfg)}")
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """A done run as the report needs it.
+
+    Attributes:
+      config: The run's ``TrainConfig`` as a dict.
+      status: ``"finished"`` or ``"diverged"``.
+      evals: ``(step, tokens seen, validation loss)`` of every evaluation, in order.
+      wall_seconds: The child process's wall time (start-up and compiling included).
+      cpu_seconds: Its user + system CPU time.
+      directory: The run directory (``metrics.jsonl`` for the factor records).
+      device: What it ran on (e.g. ``"cpu x 2 cores"``, ``"gpu NVIDIA H200"``).
+    """
+
+    config: dict[str, Any]
+    status: str
+    evals: list[tuple[int, int, float]]
+    wall_seconds: float
+    cpu_seconds: float
+    directory: Path
+    device: str = ""
+
+    @property
+    def final_loss(self) -> float | None:
+        """The validation loss at the last step (``None`` if diverged)."""
+        if self.status != FINISHED or not self.evals:
+            return None
+        step, _, loss = self.evals[-1]
+        return loss if step == self.config["steps"] else None
+
+    def records(self, kind: str) -> list[dict]:
+        """The run's ``metrics.jsonl`` records of one kind (e.g. ``"scale"``)."""
+        return [r for r in read_metrics(self.directory / "metrics.jsonl") if r["kind"] == kind]
+
+
+def tokens_per_step(config: dict[str, Any]) -> int:
+    return int(config["batch_size"]) * int(config["seq_len"]) * int(config.get("accumulate", 1))
+
+
+def device_name() -> str:
+    """The first JAX device of this machine, in words (the child trains on the same one)."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return f"CPU ({os.cpu_count()} cores)"
+    return f"{jax.device_count()} x {device.device_kind}"
+
+
+Launcher = Callable[[Path, Path], int]
+
+
+def subprocess_launcher(request: Path, log: Path) -> int:
+    """Runs ``python -m train --config request --resume`` with its output in ``log``."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    with log.open("a", encoding="utf-8") as out:
+        return subprocess.run(
+            [sys.executable, "-m", "train", "--config", str(request), "--resume",
+             "--no-progress"], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+            check=False).returncode
+
+
+class RunCache:
+    """Runs keyed by configuration under ``root``.
+
+    Args:
+      root: The cache directory (keep it outside a git checkout: every run keeps its
+        metrics and its checkpoints there, ~7 MB per checkpoint of a ``tiny`` run).
+      launcher: ``(request file, log file) -> exit status`` (tests pass a fake one).
+    """
+
+    def __init__(self, root: str | os.PathLike, launcher: Launcher = subprocess_launcher):
+        self.root = Path(root)
+        self.launcher = launcher
+
+    def paths(self, cfg: TrainConfig) -> tuple[Path, Path, Path]:
+        """``(run directory, outcome file, request file)`` of ``cfg``."""
+        name = run_name(cfg)
+        return self.root / name, self.root / f"{name}.json", self.root / "requests" / f"{name}.json"
+
+    def lookup(self, cfg: TrainConfig) -> RunRecord | None:
+        """The done run of ``cfg``, or ``None`` if it was never run or did not finish."""
+        directory, outcome, _ = self.paths(cfg)
+        if not outcome.is_file():
+            return None
+        info = json.loads(outcome.read_text(encoding="utf-8"))
+        if info.get("status") not in (FINISHED, DIVERGED):
+            return None
+        per_step = tokens_per_step(info["config"])
+        evals = [(int(r["step"]), int(r["step"]) * per_step, float(r["val_loss"]))
+                 for r in read_metrics(directory / "metrics.jsonl")
+                 if r["kind"] == "eval" and r.get("val_loss") is not None]
+        return RunRecord(config=info["config"], status=info["status"], evals=evals,
+                         wall_seconds=info["wall_seconds"], cpu_seconds=info["cpu_seconds"],
+                         directory=directory, device=info.get("device", ""))
+
+    def run(self, cfg: TrainConfig) -> RunRecord:
+        """Trains ``cfg`` (resuming a run of it that was interrupted) and records the outcome.
+
+        Raises:
+          RunInterrupted: The child was stopped by SIGTERM/SIGINT (resumable).
+          RunFailed: It exited with any other error; the message ends with its log's tail.
+        """
+        directory, outcome, request = self.paths(cfg)
+        cfg = cfg.replace(out_dir=str(directory), progress=False)
+        directory.mkdir(parents=True, exist_ok=True)
+        request.parent.mkdir(parents=True, exist_ok=True)
+        request.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n", encoding="utf-8")
+        log = directory / "train.log"
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        code = self.launcher(request, log)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        # A resumed run adds to the time of the attempts before it.
+        previous = json.loads(outcome.read_text()) if outcome.is_file() else {}
+        info = {"config": cfg.to_dict(), "returncode": code,
+                "wall_seconds": wall + previous.get("wall_seconds", 0.0),
+                "cpu_seconds": cpu + previous.get("cpu_seconds", 0.0),
+                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_name()}
+        # Exit status 1 is also Python's for a crash: divergence is the one with a record.
+        diverged = code == _EXIT_DIVERGED and any(
+            r["kind"] == "diverged" for r in read_metrics(directory / "metrics.jsonl"))
+        if code == _EXIT_FINISHED:
+            info["status"] = FINISHED
+        elif diverged:
+            info["status"] = DIVERGED
+        elif code in (_EXIT_SIGNAL, _EXIT_INTERRUPTED) or code < 0:
+            info["status"] = "interrupted"
+        else:
+            info["status"] = "failed"
+        tmp = outcome.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(outcome)
+        if info["status"] == "interrupted":
+            raise RunInterrupted(f"{directory.name}: stopped (exit status {code}); asking for "
+                                 "it again resumes from its last checkpoint")
+        if info["status"] == "failed":
+            tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+            raise RunFailed(f"{directory.name}: python -m train exited with {code}: "
+                            + " | ".join(tail))
+        record = self.lookup(cfg)
+        assert record is not None
+        return record
