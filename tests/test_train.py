@@ -62,9 +62,9 @@ def latest_params(out_dir) -> tuple[int, dict]:
 
 
 def test_config_round_trip_and_presets():
-    from models import PRESETS
+    from models import ALL_PRESETS
 
-    assert set(config_lib.MODEL_PRESETS) == set(PRESETS)
+    assert set(config_lib.MODEL_PRESETS) == set(ALL_PRESETS)
     cfg = config_lib.from_preset("tiny", method="alpha_hill", model_overrides={"num_layers": 2})
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
@@ -259,7 +259,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     for argv, message in [
         (["--preset", "huge"], "invalid choice: 'huge'"),
         (["--method", "magic"], "invalid choice: 'magic'"),
-        (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
+        (["--optimizer", "adagrad"], "invalid choice: 'adagrad'"),
         (["--method", "lars", "--optimizer", "muon"], "own base optimizer"),
         (["--data", str(tmp_path / "nope.txt")], "does not exist"),
         (["--steps", "0"], "steps must be an integer >= 1"),
