@@ -260,6 +260,12 @@ def main(argv: list[str] | None = None, launcher: Launcher = subprocess_launcher
         config_at(base, point, fraction)  # validates the start table
         transfer_base = None
         if args.transfer_to:
+            if (config_lib.model_family(args.preset) == "moe") != (
+                    config_lib.model_family(args.transfer_to) == "moe"):
+                raise ValueError(
+                    f"--transfer-to {args.transfer_to}: the table found on {args.preset} "
+                    f"names the modules {', '.join(modules_of(point))}; transfer between "
+                    "MoE presets or between dense ones (LLaMa, GPT-2)")
             transfer_base = base_config(args.transfer_to, args.transfer_set, **shared,
                                         **_given(steps=args.transfer_steps,
                                                  lr=args.transfer_lr))
