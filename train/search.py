@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Runs are cached per config in OUT/runs: rerun the same command to resume. "
                "Example: python -m train.search --preset moe-tiny --steps 150 --budget 30 "
                "--coordinates lr,embed.start,expert.start,expert.end --transfer-to moe-tiny "
-               "--transfer-set hidden=256")
+               "--transfer-set hidden=256. Exit status: 0 done, 1 a run failed (its log "
+               "is named), 2 bad arguments, 3 a run was stopped by a signal (rerun to "
+               "resume), 130 Ctrl-C.")
     p.add_argument("--preset", default="moe-tiny", choices=list(config_lib.PRESETS),
                    help="model searched on (default: moe-tiny; dense presets work too)")
     p.add_argument("--optimizer", default="adamw", choices=config_lib.OPTIMIZERS)
@@ -200,10 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-to", default=None, choices=list(config_lib.PRESETS),
                    metavar="PRESET", help="then train uniform, the paper's table and the "
                                           "found one on PRESET and compare")
-    p.add_argument("--transfer-steps", type=int, default=None)
+    p.add_argument("--transfer-steps", type=int, default=None,
+                   help="steps of the transfer runs (default: the target preset's)")
     p.add_argument("--transfer-lr", type=float, default=None,
                    help="base LR of the transfer runs (default: the target preset's)")
-    p.add_argument("--transfer-seeds", type=int, default=1)
+    p.add_argument("--transfer-seeds", type=int, default=1,
+                   help="seeds per transferred table (default 1)")
     p.add_argument("--transfer-set", type=_setting, action="append", default=[],
                    metavar="KEY=VALUE", help="settings of the transfer runs, as --set")
     return p
