@@ -144,3 +144,14 @@ def test_bad_arguments_are_one_line_errors(extra, message, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_crashed_run_stops_the_search_with_its_log(tmp_path, capsys):
+    class Crash(FakeTrainer):
+        def __call__(self, request, log):
+            log.write_text("Traceback (most recent call last):\nMemoryError\n")
+            return 1
+
+    assert search.main(argv(tmp_path), launcher=Crash()) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "MemoryError" in err[0]
