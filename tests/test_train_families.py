@@ -3,7 +3,8 @@ auxiliary loss (its parts logged), every chainable method runs on both families,
 ``relative`` on MoE applies RLRS's MoE table (or a ``--multipliers`` file's), and
 init_grad trains from the paper's initialisation by default.
 
-Micro models (1 block, width 32, 4 experts) keep compile times to a few seconds.
+Micro models (1 block, width 32, 4 experts) keep compile times to a few seconds: the
+file costs about 80 s of CPU time (measured on the 2-core machine, under load).
 """
 
 from __future__ import annotations
@@ -72,23 +73,23 @@ def numpy_cross_entropy(logits, targets) -> float:
 
 
 def test_moe_run_logs_cross_entropy_plus_aux_and_its_parts(corpus, tmp_path, data):
-    """python -m train on a MoE preset with a --multipliers file: the logged step-1 loss
-    is CE + 1e-3 z-loss + 1e-2 balance loss of the initial model on the first batch."""
-    table = tmp_path / "table.json"
-    table.write_text(json.dumps({"multipliers": {"expert": [0.5, 1.0], "router": [2, 1]},
-                                 "final_fraction": 0.1, "lr": 0.02}))
+    """python -m train on a MoE preset (alpha_hill on Muon): the logged step-1 loss is
+    CE + 1e-3 z-loss + 1e-2 balance loss of the initial model on the first batch, and
+    alpha_hill gives each expert matrix its own factor."""
     out = tmp_path / "run"
-    argv = ["--preset", "moe-tiny", "--method", "relative", "--multipliers", str(table),
+    argv = ["--preset", "moe-tiny", "--method", "alpha_hill", "--optimizer", "muon",
             "--num-layers", "1", "--hidden", "32", "--intermediate", "32", "--num-heads", "2",
             "--num-experts", "4", "--seq-len", "32", "--batch-size", "4", "--steps", "2",
             "--log-every", "1", "--eval-batches", "2", "--val-batch-size", "4",
-            "--warmup-fraction", "0", "--checkpoint-every", "0", "--data", corpus,
-            "--out", str(out), "--no-progress"]
+            "--warmup-fraction", "0", "--checkpoint-every", "0", "--interval", "1",
+            "--ramp-steps", "0", "--active-fraction", "1", "--min-eigenvalues", "4",
+            "--data", corpus, "--out", str(out), "--no-progress"]
     assert cli.main(argv) == 0
-    saved = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
-    assert saved.lr == 0.02 and saved.multipliers == {
-        "multipliers": {"expert": [0.5, 1.0], "router": [2.0, 1.0]}, "final_fraction": 0.1}
-    first = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"][0]
+    records = read_metrics(out / "metrics.jsonl")
+    first = [r for r in records if r["kind"] == "train"][0]
+    scale = [r for r in records if r["kind"] == "scale"][-1]["scale"]
+    experts = [v for k, v in scale.items() if "/experts/" in k]
+    assert len(experts) == 3 and all(len(v) == 4 and len(set(v)) > 1 for v in experts)
 
     cfg = micro(corpus, tmp_path, "moe")
     model = loop.build_model(cfg, data.vocab_size)
@@ -137,29 +138,11 @@ def _cfg_for(corpus, tmp_path, family, method, optimizer="adamw"):
                  module_factors=factors)
 
 
-def test_moe_takes_real_alpha_hill_steps_on_muon(corpus, tmp_path, data):
-    """Per-expert alphas (stacked [E, d, f] leaves) and Muon on every expert matrix, in
-    jitted train steps (GPT-2's real steps: the init_grad run below)."""
-    cfg = _cfg_for(corpus, tmp_path, "moe", "alpha_hill", "muon")
-    model = loop.build_model(cfg, data.vocab_size)
-    opt = nnx.Optimizer(model, optimizers.build_optimizer(cfg), wrt=nnx.Param)
-    before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
-    it = data.train_iter()
-    losses = [float(step.train_step(model, opt, next(it))["loss"]) for _ in range(2)]
-    assert all(math.isfinite(l) for l in losses), losses
-    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before,
-                         nnx.state(model, nnx.Param))
-    assert all(jax.tree.leaves(moved)), moved
-    scales = llr_optax.current_scales(opt.opt_state)
-    experts = np.asarray(scales["model"]["layers"][0]["moe"]["experts"]["up_proj"][...])
-    assert experts.shape == (4, 1, 1) and np.all(np.isfinite(experts))
-    assert len(np.unique(experts)) > 1, "each expert matrix should get its own factor"
-
-
 # The module-table methods label every leaf by family (expert/router, GPT-2's fused qkv,
 # position embedding); they run their optax chain on the family's parameters (cheaper
-# than train steps: the forward and backward are the same for every method). The
-# alpha-based methods share alpha_hill's code (real steps above; alpha_hill on GPT-2 here).
+# than train steps: the forward and backward are the same for every method). Real steps:
+# alpha_hill on Muon for MoE (the python -m train run above), init_grad on Muon for GPT-2
+# (below); tempbalance and alpha_decay share alpha_hill's per-matrix code.
 CHAIN_ONLY = [(f, m) for f in sorted(FAMILIES) for m in ("relative", "blockwise",
                                                           "module_constant")]
 CHAIN_ONLY += [("gpt2", "alpha_hill")]
