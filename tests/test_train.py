@@ -64,7 +64,8 @@ def latest_params(out_dir) -> tuple[int, dict]:
 def test_config_round_trip_and_presets():
     from models import ALL_PRESETS
 
-    assert set(config_lib.MODEL_PRESETS) == set(ALL_PRESETS)
+    # Every model family's presets, and a run setting for each.
+    assert set(config_lib.MODEL_PRESETS) == set(ALL_PRESETS) == set(config_lib.PRESETS)
     cfg = config_lib.from_preset("tiny", method="alpha_hill", model_overrides={"num_layers": 2})
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg

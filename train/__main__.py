@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from train import config as config_lib
+from train import multipliers as multipliers_lib
 
 EXIT_CODES = """exit status:
   0    finished (or stopped at --stop-after, with a checkpoint)
@@ -37,8 +39,6 @@ def _optional(kind):
 
 def _factors_file(path: str) -> dict:
     """``--module-factors FILE``: a JSON object module type -> LR factor."""
-    import json  # pylint: disable=import-outside-toplevel
-
     try:
         values = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -260,13 +260,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_config_file(path: str) -> dict[str, Any]:
+    """The settings of a ``--config`` file: a mapping of ``TrainConfig`` field names.
+
+    The CLI's per-invocation options (``--resume``, ``--overwrite``, ``--stop-after``,
+    ``--distributed``) are not settings and cannot be given in the file.
+
+    ``.json`` files are read with the standard library; ``.yaml``/``.yml`` need the
+    optional ``pyyaml``. The mapping may name a ``preset`` (its values are the base
+    the file's other keys override) and ``model_overrides`` (a mapping).
+
+    Raises:
+      ValueError: Unreadable file, bad syntax, not a mapping, an unknown key, or YAML
+        without pyyaml; every message is one line naming the file.
+    """
+    suffix = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    if suffix not in ("json", "yaml", "yml"):
+        raise ValueError(f"--config {path!r}: expected a .json, .yaml or .yml file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path!r} cannot be read: {e}") from None
+    if suffix == "json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {path!r} is not valid JSON: {e}") from None
+    else:
+        try:
+            import yaml  # pylint: disable=import-outside-toplevel
+        except ImportError:
+            raise ValueError(f"--config {path!r}: reading YAML needs pyyaml "
+                             "(pip install pyyaml), or give the settings as JSON") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path!r} is not valid YAML: "
+                             f"{' '.join(str(e).split())}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path!r} must hold a mapping of settings, got "
+                         f"{type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
+    unknown = sorted(str(k) for k in values if k not in known)
+    if unknown:
+        raise ValueError(f"--config {path!r}: unknown setting(s) {', '.join(unknown)}; "
+                         "keys are TrainConfig field names (see python -m train --help)")
+    return values
+
+
 def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     """The ``TrainConfig`` described by parsed arguments: preset < --config < flags.
 
     Raises:
       ValueError: A bad --config file or an invalid resulting config.
     """
-    values = config_lib.load_config_file(args.config) if args.config else {}
+    values = load_config_file(args.config) if args.config else {}
     for name in ("preset", "method", "optimizer", "out_dir", "progress", "tensorboard"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
@@ -281,7 +332,7 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
             raise ValueError(f"model_overrides must be a mapping, got {overrides!r}")
         values["model_overrides"] = {**overrides, **model}
     if args.multipliers_file:
-        table, settings = config_lib.load_multipliers_file(args.multipliers_file)
+        table, settings = multipliers_lib.load_multipliers_file(args.multipliers_file)
         values["multipliers"] = table
         for name, value in settings.items():
             values.setdefault(name, value)  # flags and --config win

@@ -1,4 +1,7 @@
-"""Run configuration: :class:`TrainConfig`, the CLI presets, and (de)serialisation.
+"""Run configuration: :class:`TrainConfig`, its validation and (de)serialisation.
+
+The presets' run settings live in :mod:`train.run_presets` (``PRESETS``, re-exported
+here; :func:`from_preset`), relative-LR tables in :mod:`train.multipliers`.
 
 A :class:`TrainConfig` fully determines a training trajectory (model, data order,
 optimizer, schedule); it is saved with every checkpoint so that ``--resume`` can
@@ -14,6 +17,9 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
+
+from train.multipliers import check_multipliers
+from train.run_presets import PRESETS
 
 METHODS = (
     "uniform", "alpha_hill", "init_grad", "relative", "lars", "lamb", "tempbalance",
@@ -122,7 +128,7 @@ class TrainConfig:
         departure). Other methods always start from the model's initialisation.
       multipliers: relative: the module table instead of the paper's, as read from a
         ``--multipliers`` file: ``{"multipliers": {label or group: [start, end]},
-        "final_fraction": f}`` (see :func:`check_multipliers`); ``None``: the paper's
+        "final_fraction": f}`` (see :func:`train.multipliers.check_multipliers`); ``None``: the paper's
         table for the preset's family (MoE: ``MOE_MULTIPLIERS``, 0.04; dense:
         ``DENSE_MULTIPLIERS``, 0.06). The content, not a path, so a resume under another
         table is refused.
@@ -348,101 +354,6 @@ def model_family(preset: str) -> str:
     return "gpt2" if preset.startswith("gpt") else "llama"
 
 
-# The module labels and groups a multiplier table may name: ``llr_optax.LABELS`` and
-# ``llr_optax.LABEL_GROUPS`` (copied so this module imports no JAX; a test keeps them equal).
-TABLE_KEYS = ("embed", "pos_embed", "head", "attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv",
-              "mlp_gate", "mlp_up", "mlp_down", "router", "expert", "norm", "bias", "other",
-              "attn", "mlp")
-# Optional run settings a multipliers file may carry besides the table (what
-# ``python -m train.search`` found); the CLI uses them unless given explicitly.
-MULTIPLIERS_FILE_SETTINGS = ("lr", "weight_decay")
-
-
-def check_multipliers(values: Any, what: str = "multipliers") -> dict[str, Any]:
-    """Validates a relative-schedule table and returns it normalised.
-
-    Args:
-      values: ``{"multipliers": {label or group: [start, end], ...}, "final_fraction":
-        f}``: start/end multipliers (``relative_schedule``'s ``a_m``, ``b_m``), positive
-        finite numbers; keys from :data:`TABLE_KEYS`; ``0 < f <= 1`` the base cosine's
-        final LR as a fraction of its peak.
-      what: Names the source in error messages (e.g. the file).
-
-    Returns:
-      ``{"multipliers": {key: [start, end]}, "final_fraction": f}`` with floats.
-
-    Raises:
-      ValueError: Anything else (one line).
-    """
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{what} must be a JSON object with \"multipliers\" and "
-                         f"\"final_fraction\", got {type(values).__name__}")
-    unknown = sorted(str(k) for k in values if k not in ("multipliers", "final_fraction"))
-    missing = [k for k in ("multipliers", "final_fraction") if k not in values]
-    if unknown or missing:
-        raise ValueError(f"{what}: expected the keys \"multipliers\" and \"final_fraction\""
-                         + (f"; unknown: {', '.join(unknown)}" if unknown else "")
-                         + (f"; missing: {', '.join(missing)}" if missing else ""))
-    table = values["multipliers"]
-    if not isinstance(table, Mapping) or not table:
-        raise ValueError(f"{what}: \"multipliers\" must be a non-empty object "
-                         f"{{label or group: [start, end]}}, got {table!r}")
-    out = {}
-    for key, pair in table.items():
-        if key not in TABLE_KEYS:
-            raise ValueError(f"{what}: unknown module {key!r}; expected labels or groups "
-                             f"from: {', '.join(TABLE_KEYS)}")
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                and all(_positive_number(x) for x in pair)):
-            raise ValueError(f"{what}: {key!r} must be [start, end], two positive finite "
-                             f"numbers, got {pair!r}")
-        out[key] = [float(pair[0]), float(pair[1])]
-    fraction = values["final_fraction"]
-    if not (_positive_number(fraction) and fraction <= 1):
-        raise ValueError(f"{what}: \"final_fraction\" must be a number in (0, 1], "
-                         f"got {fraction!r}")
-    return {"multipliers": out, "final_fraction": float(fraction)}
-
-
-def load_multipliers_file(path: str) -> tuple[dict[str, Any], dict[str, float]]:
-    """Reads a ``--multipliers`` JSON file (what ``python -m train.search`` writes).
-
-    Returns:
-      ``(table, settings)``: the table as :func:`check_multipliers` returns it, and the
-      optional run settings of the file (``lr``, ``weight_decay``).
-
-    Raises:
-      ValueError: Unreadable file, not JSON, or bad content (one line naming the file).
-    """
-    import json  # pylint: disable=import-outside-toplevel
-
-    what = f"--multipliers {path!r}"
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} cannot be read: {e}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} is not valid JSON: {e}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{what} must hold a JSON object, got {type(values).__name__}")
-    settings = {}
-    for name in MULTIPLIERS_FILE_SETTINGS:
-        if name in values:
-            value = values.pop(name)
-            ok = _positive_number(value) or (name == "weight_decay" and value == 0)
-            if not ok:
-                raise ValueError(f"{what}: \"{name}\" must be a positive finite number, "
-                                 f"got {value!r}")
-            settings[name] = float(value)
-    return check_multipliers(values, what), settings
-
-
-def _positive_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0)
-
-
 def _check_schedule(cfg: TrainConfig) -> None:
     """``schedule``, ``decay_fraction`` and ``module_factors`` (one-line errors)."""
     _check_choice("schedule", cfg.schedule, SCHEDULES)
@@ -531,116 +442,6 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-# --------------------------------------------------------------------------------------
-# Presets: a model size plus run settings that suit it.
-# --------------------------------------------------------------------------------------
-
-# "tiny" is sized for a laptop: on 2 CPU cores one run (compile + train + evals) takes
-# about 75 s, so `python -m train.compare` with five methods fits in ten minutes. Its
-# lr is the best uniform AdamW lr of {1e-3, 3e-3, 1e-2} at 300 steps (final validation
-# loss 2.150 / 2.112 / 2.265), so the layer-wise methods are compared against a tuned
-# baseline. Alpha-hill knobs are the paper's proportions compressed to the short run: 6
-# recomputes over the first 20% of steps, each ramped over half an interval.
-# The larger presets follow the authors' released 130M recipe (AdamW 6e-4, 10% warmup,
-# cosine to 10%, s in [1, 3], recompute every 40 steps, ramp 20, >= 50 eigenvalues);
-# their lr, steps and batch sizes are starting points, not tuned here (no accelerator).
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(preset="tiny", lr=3e-3, steps=300, batch_size=16, seq_len=128,
-                 eval_every=75, checkpoint_every=100, log_every=10, interval=10,
-                 ramp_steps=5, val_batch_size=64),
-    "20m": dict(preset="20m", lr=1e-3, steps=2000, batch_size=32, seq_len=256,
-                eval_every=250, checkpoint_every=500, interval=40, ramp_steps=20,
-                s_max=3.0, min_eigenvalues=50),
-    "60m": dict(preset="60m", lr=1e-3, steps=10000, batch_size=64, seq_len=256,
-                eval_every=1000, checkpoint_every=1000, interval=40, ramp_steps=20,
-                s_max=3.0, min_eigenvalues=50),
-    "130m": dict(preset="130m", lr=6e-4, steps=20000, batch_size=128, seq_len=256,
-                 eval_every=1000, checkpoint_every=1000, interval=40, ramp_steps=20,
-                 s_max=3.0, min_eigenvalues=50),
-    "350m": dict(preset="350m", lr=4e-4, steps=60000, batch_size=256, seq_len=256,
-                 eval_every=2000, checkpoint_every=2000, interval=40, ramp_steps=20,
-                 s_max=3.0, min_eigenvalues=50),
-    "1b": dict(preset="1b", lr=3e-4, steps=100000, batch_size=256, seq_len=256,
-               eval_every=2000, checkpoint_every=2000, interval=40, ramp_steps=20,
-               s_max=3.0, min_eigenvalues=50),
-    # MoE LLaMa. moe-tiny: tiny's run settings (its lr is not tuned for the MoE); a step
-    # costs about twice tiny's (dense dispatch over 8 experts). min_eigenvalues 16 leaves
-    # the router ([128, 8]: 8 eigenvalues, too few for a Hill fit; the authors' 50 excludes
-    # it at every size) out of alpha_hill, and keeps every other matrix (>= 128) in.
-    "moe-tiny": dict(preset="moe-tiny", lr=3e-3, steps=300, batch_size=16, seq_len=128,
-                     eval_every=75, checkpoint_every=100, log_every=10, interval=10,
-                     ramp_steps=5, val_batch_size=64, min_eigenvalues=16),
-    # RLRS's MoE 8x34M: base LR 3e-3 (its Table 1); the rest as the 60m preset.
-    "moe-8x34m": dict(preset="moe-8x34m", lr=3e-3, steps=10000, batch_size=64, seq_len=256,
-                      eval_every=1000, checkpoint_every=1000, interval=40, ramp_steps=20,
-                      s_max=3.0, min_eigenvalues=50),
-    # GPT-2. gpt-tiny: tiny's settings. gpt-nano / gpt2-124m: nanoGPT's GPT-2 small recipe
-    # (lr 6e-4, context 1024) with the 130m preset's tokens per step; not tuned here.
-    "gpt-tiny": dict(preset="gpt-tiny", lr=3e-3, steps=300, batch_size=16, seq_len=128,
-                     eval_every=75, checkpoint_every=100, log_every=10, interval=10,
-                     ramp_steps=5, val_batch_size=64),
-    "gpt-nano": dict(preset="gpt-nano", lr=6e-4, steps=20000, batch_size=32, seq_len=1024,
-                     eval_every=1000, checkpoint_every=1000, interval=40, ramp_steps=20,
-                     s_max=3.0, min_eigenvalues=50),
-    "gpt2-124m": dict(preset="gpt2-124m", lr=6e-4, steps=20000, batch_size=32, seq_len=1024,
-                      eval_every=1000, checkpoint_every=1000, interval=40, ramp_steps=20,
-                      s_max=3.0, min_eigenvalues=50),
-}
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """The settings of a ``--config`` file: a mapping of ``TrainConfig`` field names.
-
-    The CLI's per-invocation options (``--resume``, ``--overwrite``, ``--stop-after``,
-    ``--distributed``) are not settings and cannot be given in the file.
-
-    ``.json`` files are read with the standard library; ``.yaml``/``.yml`` need the
-    optional ``pyyaml``. The mapping may name a ``preset`` (its values are the base
-    the file's other keys override) and ``model_overrides`` (a mapping).
-
-    Raises:
-      ValueError: Unreadable file, bad syntax, not a mapping, an unknown key, or YAML
-        without pyyaml; every message is one line naming the file.
-    """
-    import json  # pylint: disable=import-outside-toplevel
-
-    suffix = path.rsplit(".", 1)[-1].lower() if "." in path else ""
-    if suffix not in ("json", "yaml", "yml"):
-        raise ValueError(f"--config {path!r}: expected a .json, .yaml or .yml file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--config {path!r} cannot be read: {e}") from None
-    if suffix == "json":
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config {path!r} is not valid JSON: {e}") from None
-    else:
-        try:
-            import yaml  # pylint: disable=import-outside-toplevel
-        except ImportError:
-            raise ValueError(f"--config {path!r}: reading YAML needs pyyaml "
-                             "(pip install pyyaml), or give the settings as JSON") from None
-        try:
-            values = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"--config {path!r} is not valid YAML: "
-                             f"{' '.join(str(e).split())}") from None
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path!r} must hold a mapping of settings, got "
-                         f"{type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(str(k) for k in values if k not in known)
-    if unknown:
-        raise ValueError(f"--config {path!r}: unknown setting(s) {', '.join(unknown)}; "
-                         "keys are TrainConfig field names (see python -m train --help)")
-    return values
 
 
 def from_preset(name: str, **overrides: Any) -> TrainConfig:
