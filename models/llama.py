@@ -262,7 +262,9 @@ class DecoderLayer(nnx.Module):
 class LlamaModel(nnx.Module):
     """Embedding, decoder stack and final norm (everything but the LM head)."""
 
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, layer=None):
+        """``layer``: the block class (default ``DecoderLayer``); the MoE model passes its
+        own, whose blocks return ``(x, stats)`` (see :meth:`hidden_and_stats`)."""
         self.config = cfg
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden, dtype=cfg.dtype,
@@ -270,13 +272,19 @@ class LlamaModel(nnx.Module):
             embedding_init=_init(("vocab", "embed")), rngs=rngs)
         # nnx.List (not a plain list) so the blocks are registered as data and
         # their parameters get the key paths layers/0/..., layers/1/...
+        layer = DecoderLayer if layer is None else layer
         self.layers = nnx.List(
-            [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+            [layer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps, dtype=cfg.dtype,
                             param_dtype=cfg.param_dtype, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Maps ``(B, T)`` int tokens to final-normed hidden states ``(B, T, d)``."""
+        return self.hidden_and_stats(tokens)[0]
+
+    def hidden_and_stats(self, tokens: jax.Array) -> tuple[jax.Array, list[dict]]:
+        """Final-normed hidden states and the per-layer stats of blocks that return
+        ``(x, stats)`` (MoE routers; none for dense blocks)."""
         cfg = self.config
         t = tokens.shape[1]
         if t > cfg.max_seq_len:
@@ -285,9 +293,13 @@ class LlamaModel(nnx.Module):
         sin, cos = rope_tables(cfg.max_seq_len, cfg.head_dim, float(cfg.rope_theta))
         sin, cos = jnp.asarray(sin[:t]), jnp.asarray(cos[:t])
         x = self.embed_tokens(tokens)
+        stats = []
         for layer in self.layers:
             x = layer(x, sin, cos)
-        return self.norm(x)
+            if isinstance(x, tuple):  # decided while tracing: no cost in the compiled step
+                x, layer_stats = x
+                stats.append(layer_stats)
+        return self.norm(x), stats
 
 
 class LLaMa(nnx.Module):

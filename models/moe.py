@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.llama import Attention, LlamaConfig, RMSNorm, _init, _linear, rope_tables
+from models.llama import Attention, LlamaConfig, LlamaModel, RMSNorm, _init, _linear
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -212,33 +212,16 @@ class MoeDecoderLayer(nnx.Module):
         return x + out, stats
 
 
-class MoeModel(nnx.Module):
-    """Embedding, MoE decoder stack and final norm (everything but the LM head)."""
+class MoeModel(LlamaModel):
+    """Embedding, MoE decoder stack and final norm (everything but the LM head): the LLaMa
+    trunk with ``MoeDecoderLayer`` blocks."""
 
     def __init__(self, cfg: MoeConfig, *, rngs: nnx.Rngs):
-        self.config = cfg
-        self.embed_tokens = nnx.Embed(
-            cfg.vocab_size, cfg.hidden, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            embedding_init=_init(("vocab", "embed")), rngs=rngs)
-        self.layers = nnx.List(
-            [MoeDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps, dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, rngs=rngs)
+        super().__init__(cfg, rngs=rngs, layer=MoeDecoderLayer)
 
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, list[dict]]:
         """``(B, T)`` tokens -> final-normed hidden states and per-layer router stats."""
-        cfg = self.config
-        t = tokens.shape[1]
-        if t > cfg.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds max_seq_len={cfg.max_seq_len}")
-        sin, cos = rope_tables(cfg.max_seq_len, cfg.head_dim, float(cfg.rope_theta))
-        sin, cos = jnp.asarray(sin[:t]), jnp.asarray(cos[:t])
-        x = self.embed_tokens(tokens)
-        stats = []
-        for layer in self.layers:
-            x, layer_stats = layer(x, sin, cos)
-            stats.append(layer_stats)
-        return self.norm(x), stats
+        return self.hidden_and_stats(tokens)
 
 
 class MoeLLaMa(nnx.Module):
