@@ -119,6 +119,13 @@ def test_prepare_with_a_tokenizer_json_and_the_trainer_checks_it(tmp_path):
     data = build_data(DataConfig(source=str(tmp_path / "out"), tokenizer_model=str(copied),
                                  seq_len=8, batch_size=2, **SINGLE))
     assert data.vocab_size == tok.vocab_size and data.val_bytes == corpus.val_target_bytes
+    # Its split was fixed at prepare time: the trainer's default or the prepared fraction
+    # is accepted, another one is an error (it would otherwise be silently ignored).
+    build_data(DataConfig(source=str(tmp_path / "out"), val_fraction=0.2, seq_len=8,
+                          **SINGLE))
+    with pytest.raises(UserError, match="fixed by python -m train.prepare: drop --val-fraction 0.3"):
+        build_data(DataConfig(source=str(tmp_path / "out"), val_fraction=0.3, seq_len=8,
+                              **SINGLE))
     with pytest.raises(UserError, match="is not the tokenizer"):
         build_data(DataConfig(source=str(tmp_path / "out"),
                               tokenizer_model=str(_metaspace_json(tmp_path / "other.json",

@@ -187,6 +187,9 @@ def test_log_lines_mfu_tensorboard_and_profile(corpus, tmp_path, capsys):
     out = capsys.readouterr().out
     records = result["train"]
 
+    # The data it trains on, first (corpus, tokenizer, sizes, content hash).
+    assert re.match(r"corpus: .*; tokenizer: byte .*; data sha256 [0-9a-f]{12}$",
+                    out.splitlines()[0])
     # Plain lines (stdout is not a terminal here, although progress=True).
     lines = [l for l in out.splitlines() if re.match(r"step \d+/4: loss", l)]
     assert [int(l.split()[1].split("/")[0]) for l in lines] == [2, 4]

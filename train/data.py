@@ -6,7 +6,8 @@ Three kinds of source, one result:
    token shards on disk, already split and tokenised. Nothing is loaded: the train and
    validation streams are :class:`train.shards.ShardedTokens` read window by window,
    so memory does not grow with the corpus. The tokenizer and the validation split
-   were fixed when it was prepared (``tokenizer``/``val_fraction`` are ignored).
+   were fixed when it was prepared (another ``tokenizer`` or ``val_fraction`` is an
+   error).
 2. **Text held in memory**: the offline default corpus
    (:func:`train.default_corpus.load_default_corpus`) or a ``.txt``/``.jsonl``/
    ``.parquet`` file or directory (:mod:`train.corpus`). Documents are split into
@@ -83,7 +84,8 @@ class DataConfig:
       val_batch_size: Validation batch size; defaults to ``batch_size``.
       val_fraction: Fraction of documents (of tokens for ``.npy``) for validation;
         must leave validation data (the trainer evaluates). Prepared corpora keep the
-        split they were prepared with.
+        split they were prepared with (a fraction other than the default and theirs is
+        an error).
       seed: Training shuffle seed.
       split_seed: Train/validation split seed (kept separate from ``seed`` so every
         run evaluates on the same validation text).
@@ -267,6 +269,9 @@ def _model_vocab(cfg: DataConfig, vocab_size: int, what: str) -> int:
     return cfg.vocab_size
 
 
+_DEFAULT_VAL_FRACTION = DataConfig.val_fraction
+
+
 def _build_from_prepared(cfg: DataConfig) -> dict[str, Any]:
     prepared = shards.open_prepared(cfg.source)
     tok_info = prepared.tokenizer or {}
@@ -281,6 +286,12 @@ def _build_from_prepared(cfg: DataConfig) -> dict[str, Any]:
     if tokenizers.TOKENIZER_ALIASES[cfg.tokenizer.lower()] != "byte":
         raise UserError(f"{str(cfg.source)!r} is a prepared corpus, already tokenised: "
                         "drop --tokenizer")
+    prepared_fraction = prepared.index.get("split", {}).get("val_fraction")
+    if cfg.val_fraction not in (_DEFAULT_VAL_FRACTION, prepared_fraction):
+        # Its split was fixed at prepare time; a different fraction here would be ignored.
+        raise UserError(f"{str(cfg.source)!r} is a prepared corpus with validation fraction "
+                        f"{prepared_fraction}, fixed by python -m train.prepare: drop "
+                        f"--val-fraction {cfg.val_fraction}")
     train_tokens, val_tokens = prepared.tokens("train"), prepared.tokens("val")
     return dict(
         corpus_name=prepared.name, tokenizer=None,

@@ -261,6 +261,7 @@ def _setup(cfg: TrainConfig, *, resume: bool, overwrite: bool,
         tokens_per_step=cfg.batch_size * cfg.seq_len * cfg.accumulate * data.shard_count,
         flops_per_step=None, lrs=lrs, factors=factors, primary=primary,
         tensorboard=TensorBoard(out, start) if cfg.tensorboard and primary else None)
+    reporter.say(data.summary())  # which tokens this run trains on, in its log
     return _Run(cfg=cfg, out=out, data=data, layout=layout, spec=spec, tx=tx, state=state,
                 start=start, train_iter=train_iter, ckpt=ckpt, log=log, reporter=reporter,
                 profile=ProfileWindow(cfg, out, primary), factors=factors,
