@@ -29,9 +29,11 @@ from train.run_cache import RunCache, RunFailed, RunInterrupted
 
 # Run settings per preset, on top of the preset's own (why: results_page.SETUP_NOTES).
 # tiny: 1500 steps of 16 x 128 tokens (3.1 M tokens, 1.13 epochs of the default corpus'
-# training split), about 5 min per run on 2 quiet CPU cores; 25 evaluations on a fixed
-# 65,536-token subset of the validation split (the first 8 batches of 64 x 128): a full
-# pass costs ~20 training steps, 25 of them would add a third to every run.
+# training split), about 11 min per run alone on 2 CPU cores (measured: 5,600 tok/s,
+# ~20 CPU-min per run; two runs side by side share the cores, no faster in total);
+# 25 evaluations on a fixed 65,536-token subset of the validation split (the first 8
+# batches of 64 x 128): a full pass costs ~20 training steps, 25 of them would add a
+# third to every run.
 # alpha_hill/tempbalance/alpha_decay keep the tiny preset's proportions (6 recomputes over
 # the first 20% of the run, each ramped over half an interval).
 RUN_SETTINGS = {
