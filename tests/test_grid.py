@@ -9,12 +9,14 @@ from train import grid
 from train.grid import Cell
 
 
-def drive(cell, objective, **kwargs):
+def drive(cell, objective, left=None, **kwargs):
     """Runs what the plan asks for, one at a time, as python -m train.results does; returns
-    the runs in order and the final plan."""
+    the runs in order and the final plan (``left`` collects each plan's ``runs_left``)."""
     done, order = {}, []
     while True:
         p = grid.plan(cell, lambda lr, s: done.get((lr, s)), **kwargs)
+        if left is not None:
+            left.append(p.runs_left)
         if not p.missing:
             return order, p
         lr, seed = p.missing[0]
@@ -88,3 +90,21 @@ def test_fixed_cell_waits_then_runs_its_seeds_at_the_given_lr():
     (Cell("adamw", "relative", "wsd"), "adamw/relative/wsd")])
 def test_cell_names(cell, name):
     assert cell.name == name
+
+
+def test_runs_left_is_exact_without_extension_and_a_lower_bound_with_one():
+    left = []
+    order, _ = drive(Cell("adamw", "uniform", center_lr=3e-3), bowl(3e-3), left=left)
+    assert left == list(range(len(order), -1, -1)) == [7, 6, 5, 4, 3, 2, 1, 0]
+    left = []
+    order, _ = drive(Cell("adamw", "uniform", center_lr=1e-3), bowl(8e-3), left=left)
+    actual = list(range(len(order), -1, -1))   # 9 runs: two rungs were added
+    assert all(bound <= true for bound, true in zip(left, actual)) and left[0] == 7
+    assert left[-1] == 0 and actual[0] == 9
+    waiting = grid.plan(Cell("adamw", "upper_bound", fixed_lr_of="adamw/alpha_hill"),
+                        lambda lr, s: None, seeds=2)
+    assert waiting.runs_left == 2
+    gave_up = []
+    drive(Cell("sgd", "uniform", center_lr=1.0), lambda lr, s: math.inf, left=gave_up,
+          max_extend=1)
+    assert gave_up[-1] == 0   # nothing more to run once it has given up

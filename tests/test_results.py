@@ -152,6 +152,9 @@ def test_command_runs_the_grid_in_order_and_writes_the_page(tmp_path, fake_resul
     text = page.read_text()
     assert "Regenerate with `python -m train.results --runs" in text
     assert "3 of 26 cells complete, 17 runs" in text
+    # 21 tuned cells not started (5 ladder rungs + 2 seeds each) and the two upper_bound
+    # cells (3 seeds each).
+    assert "Still to run: at least 153 runs, about " in text
     assert "- muon/uniform: LR grid 0/5 run (not started)" in text
     assert "## Best vs best: adamw" in text and "| alpha_hill | 0.0015 |" in text
     assert "| mlp_up" not in text and "| up | 3.10 | 4.00 | 4.00 | 4.00 |" in text

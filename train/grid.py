@@ -80,6 +80,7 @@ class CellPlan:
       seeds: ``{seed: final loss or inf or None}`` at ``best_lr``.
       missing: ``[(lr, seed)]`` to run next, in order (empty when complete).
       waiting_for: A cell this one needs first (fixed cells), or ``None``.
+      seed_count: The seeds it runs at its best LR.
     """
 
     cell: Cell
@@ -89,10 +90,21 @@ class CellPlan:
     seeds: dict[int, float | None]
     missing: list[tuple[float, int]]
     waiting_for: str | None = None
+    seed_count: int = 3
 
     @property
     def complete(self) -> bool:
         return not self.missing and self.waiting_for is None and self.best_lr is not None
+
+    @property
+    def runs_left(self) -> int:
+        """The runs it still needs at least (exact unless the ladder has to be extended,
+        which the runs not done yet decide): for the budget line of the report."""
+        if self.waiting_for is not None:
+            return self.seed_count
+        if self.best_lr is None and self.missing:   # ladder, then the other seeds
+            return len(self.missing) + self.seed_count - 1
+        return len(self.missing)
 
 
 def plan(cell: Cell, lookup: Lookup, *, seeds: int = 3, initial: int = 5,
@@ -110,10 +122,11 @@ def plan(cell: Cell, lookup: Lookup, *, seeds: int = 3, initial: int = 5,
     """
     if cell.fixed_lr_of is not None:
         if fixed_lr is None:
-            return CellPlan(cell, [], None, None, {}, [], waiting_for=cell.fixed_lr_of)
+            return CellPlan(cell, [], None, None, {}, [], waiting_for=cell.fixed_lr_of,
+                            seed_count=seeds)
         got = {s: lookup(fixed_lr, s) for s in range(seeds)}
         return CellPlan(cell, [(fixed_lr, got[0])], fixed_lr, None, got,
-                        [(fixed_lr, s) for s, v in got.items() if v is None])
+                        [(fixed_lr, s) for s, v in got.items() if v is None], seed_count=seeds)
     low = -(initial // 2)
     ks = list(range(low, low + initial))
     extended = {"lower": 0, "higher": 0}
@@ -124,7 +137,7 @@ def plan(cell: Cell, lookup: Lookup, *, seeds: int = 3, initial: int = 5,
         ladder = list(zip(lrs, losses))
         todo = [(lr, 0) for lr, loss in ladder if loss is None]
         if todo:
-            return CellPlan(cell, ladder, None, None, {}, todo)
+            return CellPlan(cell, ladder, None, None, {}, todo, seed_count=seeds)
         finite = [l for l in losses if math.isfinite(l)]
         side = "lower" if not finite else evidence.grid_extension(lrs, losses)
         if side is None:
@@ -133,10 +146,11 @@ def plan(cell: Cell, lookup: Lookup, *, seeds: int = 3, initial: int = 5,
             edge = side
             if finite:
                 break
-            return CellPlan(cell, ladder, None, edge, {}, [])   # everything diverged
+            return CellPlan(cell, ladder, None, edge, {}, [],   # everything diverged
+                            seed_count=seeds)
         extended[side] += 1
         ks = [ks[0] - 1] + ks if side == "lower" else ks + [ks[-1] + 1]
     best_lr, _ = evidence.best_point(lrs, losses)
     got = {s: lookup(best_lr, s) for s in range(seeds)}
     return CellPlan(cell, ladder, best_lr, edge, got,
-                    [(best_lr, s) for s, v in got.items() if v is None])
+                    [(best_lr, s) for s, v in got.items() if v is None], seed_count=seeds)

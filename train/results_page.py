@@ -115,6 +115,20 @@ def _has_runs(r: report.CellResult) -> bool:
     return bool(r.runs)
 
 
+def budget_left(plans: list, records: list) -> str:
+    """What is still to run, at least, and its cost at the mean of the runs so far."""
+    left = sum(p.runs_left for p in plans)
+    if not left:
+        return ""
+    line = f" Still to run: at least {left} runs"
+    if records:
+        # The median: a run whose first attempt died with its parent records only the rest.
+        per_run = float(np.median([rec.cpu_seconds for rec in records])) / 60
+        line += (f", about {left * per_run / 60:.0f} CPU-hours at the median "
+                 f"{per_run:.0f} CPU-min of a run so far")
+    return line + " (more if a ladder must be extended)."
+
+
 def write(g: Grid, path: Path, command: str, date: str) -> None:
     """Writes the page and its figures next to it."""
     results = [g.result(cell) for cell in g.page_cells]
@@ -136,8 +150,9 @@ def write(g: Grid, path: Path, command: str, date: str) -> None:
             "Every number and figure below comes from that command; none is edited by hand.",
             "",
             f"**State ({date}):** {len(complete)} of {len(results)} cells complete, "
-            f"{len(records)} runs, {cpu_hours:.1f} CPU-hours ({wall_hours:.1f} h wall, on a "
-            "2-core machine shared with other work)."]
+            f"{len(records)} runs, {cpu_hours:.1f} CPU-hours ({wall_hours:.1f} h wall, "
+            "summed over runs, with any other load on the machine)."
+            + budget_left([r.plan for r in results], records)]
     if missing:
         text += ["", "Not yet run or incomplete (the tables show what exists):", "", *missing]
     devices = sorted({rec.device for rec in records if rec.device})
