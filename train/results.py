@@ -11,6 +11,8 @@ stopped at any time and started again: it reads finished runs back, resumes an
 interrupted one from its checkpoint and only trains what is missing. Build the grid up
 with ``--cells`` and ``--max-runs``; ``--report-only`` rewrites the page from the cache
 without training; a ``--stop-file`` that appears stops it after the run in progress.
+Start it more than once on the same cache (more cores, more machines on a shared disk) and
+the processes share the work: each trains the first missing run no other one is training.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from train import config as config_lib
 from train import grid, report, results_page
 from train.grid import Cell
-from train.run_cache import RunCache, RunFailed, RunInterrupted
+from train.run_cache import RunBusy, RunCache, RunFailed, RunInterrupted
 
 # Run settings per preset, on top of the preset's own (why: results_page.SETUP_NOTES).
 # tiny: 1500 steps of 16 x 128 tokens (3.1 M tokens, 1.13 epochs of the default corpus'
@@ -173,37 +175,63 @@ def _selected(cells: list[Cell], patterns: str) -> list[Cell]:
     return [c for c in cells if any(fnmatch.fnmatchcase(c.name, p) for p in wanted)]
 
 
-def build(g: Grid, cells: list[Cell], args: argparse.Namespace) -> str:
-    """Trains what ``cells`` miss, in order; returns why it stopped."""
-    started = 0
+def _next_run(g: Grid, cells: list[Cell], said: set[str]) -> tuple[Cell, float, int] | str:
+    """The first run the cells miss that no other process is training, in cell order; else
+    ``"busy"`` (what is left is being trained elsewhere) or ``"done"``."""
+    busy = False
     for cell in cells:
-        while True:
-            p = g.plan(cell)
-            if p.waiting_for:
-                print(f"= {cell.name}: waits for {p.waiting_for}", flush=True)
-                break
-            if not p.missing:
+        p = g.plan(cell)
+        if p.waiting_for or not p.missing:
+            if cell.name not in said:
+                said.add(cell.name)
                 best = "-" if p.best_lr is None else f"{p.best_lr:.3g}"
-                print(f"= {cell.name}: complete (best lr {best})", flush=True)
-                break
-            if args.stop_file and Path(args.stop_file).exists():
-                return f"stop file {args.stop_file} exists"
-            if args.max_runs is not None and started >= args.max_runs:
-                return f"--max-runs {args.max_runs} reached"
-            lr, seed = p.missing[0]
-            phase = "LR grid" if p.best_lr is None else f"seeds at best lr {p.best_lr:.3g}"
-            ladder = ", ".join(f"{x:.3g}:{'-' if l is None else f'{l:.4f}'}"
-                               for x, l in p.ladder)
-            print(f"> {cell.name}: lr {lr:.4g} seed {seed} ({phase}; ladder {ladder})",
-                  flush=True)
+                print(f"= {cell.name}: " + (f"waits for {p.waiting_for}" if p.waiting_for
+                                             else f"complete (best lr {best})"), flush=True)
+            continue   # (a cell it waits for, if selected, is one of the others)
+        for lr, seed in p.missing:
+            if not g.cache.busy(g.config(cell, lr, seed)):
+                phase = "LR grid" if p.best_lr is None else f"seeds at best lr {p.best_lr:.3g}"
+                ladder = ", ".join(f"{x:.3g}:{'-' if l is None else f'{l:.4f}'}"
+                                   for x, l in p.ladder)
+                print(f"> {cell.name}: lr {lr:.4g} seed {seed} ({phase}; ladder {ladder})",
+                      flush=True)
+                return cell, lr, seed
+        busy = True
+    return "busy" if busy else "done"
+
+
+def build(g: Grid, cells: list[Cell], args: argparse.Namespace,
+          poll_seconds: float = 60.0) -> str:
+    """Trains what ``cells`` miss, in order, leaving alone the runs other processes sharing
+    the cache are training (and waiting for them when nothing else is left); returns why
+    it stopped."""
+    started, said, waiting = 0, set(), False
+    while True:
+        if args.stop_file and Path(args.stop_file).exists():
+            return f"stop file {args.stop_file} exists"
+        if args.max_runs is not None and started >= args.max_runs:
+            return f"--max-runs {args.max_runs} reached"
+        picked = _next_run(g, cells, said)
+        if picked == "done":
+            return "every selected cell is complete"
+        if picked == "busy":
+            if not waiting:
+                print("waiting: what is left is being trained by another process", flush=True)
+            waiting = True
+            time.sleep(poll_seconds)
+            continue
+        waiting = False
+        cell, lr, seed = picked
+        try:
             record = g.cache.run(g.config(cell, lr, seed))
-            started += 1
-            final = record.final_loss
-            print(f"  {record.status}"
-                  + (f": final val loss {final:.4f}" if final is not None else "")
-                  + f" in {record.wall_seconds / 60:.1f} min "
-                  f"(CPU {record.cpu_seconds / 60:.1f} min)", flush=True)
-    return "every selected cell is complete"
+        except RunBusy:   # another process took it between the check and the lock
+            continue
+        started += 1
+        final = record.final_loss
+        print(f"  {record.status}"
+              + (f": final val loss {final:.4f}" if final is not None else "")
+              + f" in {record.wall_seconds / 60:.1f} min "
+              f"(CPU {record.cpu_seconds / 60:.1f} min)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,11 +12,19 @@ Each run is a child process (``python -m train --config ... --resume``), so a cr
 leak in one run cannot take the others with it, and an interrupted run continues from its
 last checkpoint when asked for again. Only finished and diverged runs count as done; a
 diverged run is a result (that LR is too high), not an error.
+
+Several processes may share one cache (``python -m train.results`` started twice, or on
+two machines over a shared file system that supports ``flock``): a run being trained
+holds an exclusive lock on ``<name>/.lock``, so the others see it as busy and never train
+it twice. The child process holds the lock too, and the OS drops it when both are gone,
+so a killed worker leaves no stale lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -47,6 +55,28 @@ class RunInterrupted(RuntimeError):
 
 class RunFailed(RuntimeError):
     """A run ended with an error that is not divergence (bad config, crash)."""
+
+
+class RunBusy(RuntimeError):
+    """Another process is training this run now."""
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Yields the open lock file if no other process holds its lock, else ``None``."""
+    with path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        try:
+            yield f
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def config_key(cfg: TrainConfig) -> str:
@@ -120,10 +150,12 @@ def subprocess_launcher(request: Path, log: Path) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     with log.open("a", encoding="utf-8") as out:
+        # close_fds=False passes only the descriptors marked inheritable: the run's lock
+        # (RunCache.run), so that the child keeps holding it if this process is killed.
         return subprocess.run(
             [sys.executable, "-m", "train", "--config", str(request), "--resume",
              "--no-progress"], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
-            check=False).returncode
+            check=False, close_fds=False).returncode
 
 
 class RunCache:
@@ -160,16 +192,36 @@ class RunCache:
                          wall_seconds=info["wall_seconds"], cpu_seconds=info["cpu_seconds"],
                          directory=directory, device=info.get("device", ""))
 
+    def busy(self, cfg: TrainConfig) -> bool:
+        """Whether another process is training ``cfg`` now."""
+        lock = self.paths(cfg)[0] / LOCK_FILE
+        if not lock.is_file():
+            return False
+        with _exclusive(lock) as held:
+            return held is None
+
     def run(self, cfg: TrainConfig) -> RunRecord:
         """Trains ``cfg`` (resuming a run of it that was interrupted) and records the outcome.
 
         Raises:
+          RunBusy: Another process is training it now (nothing was done).
           RunInterrupted: The child was stopped by SIGTERM/SIGINT (resumable).
           RunFailed: It exited with any other error; the message ends with its log's tail.
         """
+        directory = self.paths(cfg)[0]
+        directory.mkdir(parents=True, exist_ok=True)
+        with _exclusive(directory / LOCK_FILE) as lock:
+            if lock is None:
+                raise RunBusy(f"{directory.name} is being trained by another process")
+            done = self.lookup(cfg)   # another process may have finished it meanwhile
+            if done is not None:
+                return done
+            os.set_inheritable(lock.fileno(), True)
+            return self._run_locked(cfg)
+
+    def _run_locked(self, cfg: TrainConfig) -> RunRecord:
         directory, outcome, request = self.paths(cfg)
         cfg = cfg.replace(out_dir=str(directory), progress=False)
-        directory.mkdir(parents=True, exist_ok=True)
         request.parent.mkdir(parents=True, exist_ok=True)
         request.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n", encoding="utf-8")
         log = directory / "train.log"
