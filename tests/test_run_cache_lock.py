@@ -11,7 +11,7 @@ from tests.test_results import FakeTrain, fake_loss
 from train import config as config_lib
 from train import results
 from train import run_cache as run_cache_lib
-from train.run_cache import LOCK_FILE, RunBusy, RunCache
+from train.run_cache import RunBusy, RunCache
 
 
 def _config(lr=3e-3, seed=0):
@@ -23,9 +23,9 @@ class OtherProcess:
     of the file, in one process as across processes."""
 
     def __init__(self, cache, cfg):
-        directory = cache.paths(cfg)[0]
-        directory.mkdir(parents=True, exist_ok=True)
-        self.file = (directory / LOCK_FILE).open("a")
+        path = cache.lock_path(cfg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = path.open("a")
         fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def release(self):
@@ -75,7 +75,8 @@ def test_the_training_child_inherits_the_lock(tmp_path, monkeypatch):
     if not run_cache_lib.Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc (Linux)")
     record = RunCache(tmp_path).run(_config())
-    assert seen["locks"] == "['.lock']" and record.status == "finished"
+    assert seen["locks"] == f"['{run_cache_lib.run_name(_config())}.lock']"
+    assert record.status == "finished"
 
 
 def test_two_builders_share_the_grid_and_wait_for_each_other(tmp_path, monkeypatch, capsys):

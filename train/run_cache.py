@@ -6,6 +6,8 @@ configuration twice trains once. Layout under the cache root::
 
     <name>/                 the run directory (metrics.jsonl, checkpoints/, train.log)
     <name>.json             its outcome: status, config, wall and CPU seconds
+    <name>.lock             locked while a process trains it (the run directory holds
+                            nothing but the trainer's own files)
     requests/<name>.json    the config handed to ``python -m train --config``
 
 Each run is a child process (``python -m train --config ... --resume``), so a crash or a
@@ -15,7 +17,7 @@ diverged run is a result (that LR is too high), not an error.
 
 Several processes may share one cache (``python -m train.results`` started twice, or on
 two machines over a shared file system that supports ``flock``): a run being trained
-holds an exclusive lock on ``<name>/.lock``, so the others see it as busy and never train
+holds an exclusive lock on ``<name>.lock``, so the others see it as busy and never train
 it twice. The child process holds the lock too, and the OS drops it when both are gone,
 so a killed worker leaves no stale lock.
 """
@@ -59,9 +61,6 @@ class RunFailed(RuntimeError):
 
 class RunBusy(RuntimeError):
     """Another process is training this run now."""
-
-
-LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
@@ -192,9 +191,13 @@ class RunCache:
                          wall_seconds=info["wall_seconds"], cpu_seconds=info["cpu_seconds"],
                          directory=directory, device=info.get("device", ""))
 
+    def lock_path(self, cfg: TrainConfig) -> Path:
+        """The file a process training ``cfg`` holds locked."""
+        return self.root / f"{run_name(cfg)}.lock"
+
     def busy(self, cfg: TrainConfig) -> bool:
         """Whether another process is training ``cfg`` now."""
-        lock = self.paths(cfg)[0] / LOCK_FILE
+        lock = self.lock_path(cfg)
         if not lock.is_file():
             return False
         with _exclusive(lock) as held:
@@ -208,11 +211,11 @@ class RunCache:
           RunInterrupted: The child was stopped by SIGTERM/SIGINT (resumable).
           RunFailed: It exited with any other error; the message ends with its log's tail.
         """
-        directory = self.paths(cfg)[0]
-        directory.mkdir(parents=True, exist_ok=True)
-        with _exclusive(directory / LOCK_FILE) as lock:
+        lock_path = self.lock_path(cfg)
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(lock_path) as lock:
             if lock is None:
-                raise RunBusy(f"{directory.name} is being trained by another process")
+                raise RunBusy(f"{lock_path.stem} is being trained by another process")
             done = self.lookup(cfg)   # another process may have finished it meanwhile
             if done is not None:
                 return done
@@ -222,6 +225,7 @@ class RunCache:
     def _run_locked(self, cfg: TrainConfig) -> RunRecord:
         directory, outcome, request = self.paths(cfg)
         cfg = cfg.replace(out_dir=str(directory), progress=False)
+        directory.mkdir(parents=True, exist_ok=True)
         request.parent.mkdir(parents=True, exist_ok=True)
         request.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n", encoding="utf-8")
         log = directory / "train.log"
