@@ -58,6 +58,15 @@ def test_best_vs_best_row_matches_numpy():
     assert table[2].startswith("| alpha_hill |")   # sorted by mean loss
 
 
+def test_one_seed_gets_no_verdict_against_the_baseline():
+    uniform = cell_result("uniform", [2.0, 2.1, 1.9])
+    single = cell_result("alpha_hill", [3.0], best_lr=1.5e-3)
+    row = next(line for line in report.best_vs_best([uniform, single], uniform).splitlines()
+               if line.startswith("| alpha_hill |"))
+    d = exp_curve(3.0)[-1] - np.mean([exp_curve(r)[-1] for r in (2.0, 2.1, 1.9)])
+    assert f"| {d:+.4f} (one seed: no verdict yet) |" in row and "better" not in row
+
+
 def test_sweep_table_marks_best_divergence_and_missing():
     ladder = [(1e-3, 2.3), (2e-3, 2.1), (4e-3, 2.2), (8e-3, math.inf), (1.6e-2, None)]
     r = report.CellResult(grid.CellPlan(Cell("adamw", "uniform"), ladder, None, None, {},

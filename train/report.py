@@ -101,7 +101,10 @@ def best_vs_best(results: Sequence[CellResult], baseline: CellResult | None) -> 
         mean, se = evidence.mean_se(losses)
         if baseline is not None and baseline.best_losses and r is not baseline:
             d, dse = evidence.difference(losses, baseline.best_losses)
-            versus = f"{d:+.4f} ± {dse:.4f}: {verdict(d, dse)}"
+            if min(len(losses), len(baseline.best_losses)) < 2:   # one side has no spread
+                versus = f"{d:+.4f} (one seed: no verdict yet)"
+            else:
+                versus = f"{d:+.4f} ± {dse:.4f}: {verdict(d, dse)}"
             speed = _speedup_text(baseline, r)
         elif r is baseline:
             versus, speed = "(baseline)", "1 (baseline)"
