@@ -116,7 +116,7 @@ def _has_runs(r: report.CellResult) -> bool:
 
 
 def budget_left(plans: list, records: list) -> str:
-    """What is still to run, at least, and its cost at the mean of the runs so far."""
+    """What is still to run, at least, and its cost at the median CPU time of a run so far."""
     left = sum(p.runs_left for p in plans)
     if not left:
         return ""
