@@ -206,7 +206,8 @@ def test_matrix_axes_option_flattens_multi_axis_kernels():
 def test_small_matrices_are_excluded_by_min_eigenvalues():
   params = make_params(0)
   tx = llr_optax.scale_by_alpha_hill(total_steps=None, min_eigenvalues=17)  # only 16-wide here
-  got, states = run(tx, [params])
+  with pytest.warns(UserWarning, match=r"4 leaves .* take no part.*min_eigenvalues=17"):
+    got, states = run(tx, [params])
   for k in MATRICES:
     assert float(got[0][k].squeeze()) == 1.0
     assert np.isnan(float(states[0].alphas.tree()[k].squeeze()))

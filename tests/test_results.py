@@ -4,6 +4,7 @@ factors per module type, and the whole command on a fake run cache (no training)
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -190,6 +191,29 @@ def test_stop_file_and_max_runs_stop_between_runs(tmp_path, fake_results):
     assert len(fake_results.runs) == 2
     assert results.main(argv[:-2] + ["--report-only"]) == 0 and len(fake_results.runs) == 2
     assert "LR grid 2/5 run" in (tmp_path / "r.md").read_text()
+
+
+def test_a_waiting_cell_is_announced_again_when_it_completes(capsys):
+    # Another worker trains alpha_hill's last seed (busy) while the ablation waits for it;
+    # each state of each cell is said once, the ablation's completion included.
+    alpha, ablation = (Cell("adamw", "alpha_hill"),
+                       Cell("adamw", "module_constant", fixed_lr_of="adamw/alpha_hill"))
+    plan = lambda missing=(), waiting_for=None: SimpleNamespace(
+        missing=list(missing), waiting_for=waiting_for, best_lr=1.5e-3, ladder=[])
+    rounds = [{alpha: plan([(1.5e-3, 2)]), ablation: plan(waiting_for="adamw/alpha_hill")},
+              {alpha: plan([(1.5e-3, 2)]), ablation: plan(waiting_for="adamw/alpha_hill")},
+              {alpha: plan(), ablation: plan([(1.5e-3, 0)])},
+              {alpha: plan(), ablation: plan()}]
+    said, got = set(), []
+    for plans in rounds:
+        g = SimpleNamespace(plan=plans.__getitem__, config=lambda *a: None,
+                            cache=SimpleNamespace(busy=lambda cfg: True))
+        got.append(results._next_run(g, [alpha, ablation], said))
+    assert got == ["busy", "busy", "busy", "done"]
+    assert capsys.readouterr().out.splitlines() == [
+        "= adamw/module_constant: waits for adamw/alpha_hill",
+        "= adamw/alpha_hill: complete (best lr 0.0015)",
+        "= adamw/module_constant: complete (best lr 0.0015)"]
 
 
 def test_unknown_cells_are_a_one_line_error(tmp_path, capsys):

@@ -182,11 +182,12 @@ def _next_run(g: Grid, cells: list[Cell], said: set[str]) -> tuple[Cell, float, 
     for cell in cells:
         p = g.plan(cell)
         if p.waiting_for or not p.missing:
-            if cell.name not in said:
-                said.add(cell.name)
-                best = "-" if p.best_lr is None else f"{p.best_lr:.3g}"
-                print(f"= {cell.name}: " + (f"waits for {p.waiting_for}" if p.waiting_for
-                                             else f"complete (best lr {best})"), flush=True)
+            best = "-" if p.best_lr is None else f"{p.best_lr:.3g}"
+            state = (f"= {cell.name}: " + (f"waits for {p.waiting_for}" if p.waiting_for
+                                           else f"complete (best lr {best})"))
+            if state not in said:   # each state once: "waits" and later "complete" both show
+                said.add(state)
+                print(state, flush=True)
             continue   # (a cell it waits for, if selected, is one of the others)
         for lr, seed in p.missing:
             if not g.cache.busy(g.config(cell, lr, seed)):
