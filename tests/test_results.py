@@ -216,6 +216,16 @@ def test_a_waiting_cell_is_announced_again_when_it_completes(capsys):
         "= adamw/module_constant: complete (best lr 0.0015)"]
 
 
+def test_report_folder_is_created_and_an_impossible_one_is_a_one_line_error(tmp_path, capsys):
+    argv = ["--runs", str(tmp_path / "cache"), "--report-only", "--page-cells", "adamw/uniform"]
+    assert results.main(argv + ["--report", str(tmp_path / "new" / "deeper" / "r.md")]) == 0
+    assert "LR grid 0/5 run" in (tmp_path / "new" / "deeper" / "r.md").read_text()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        results.main(argv + ["--report", str(tmp_path / "file" / "r.md")])
+    assert "--report " in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_unknown_cells_are_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         results.main(["--runs", str(tmp_path), "--cells", "adamw/nothing"])
