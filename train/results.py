@@ -245,17 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     for flag, chosen in (("--cells", cells), ("--page-cells", g.page_cells)):
         if not chosen:
             parser.error(f"{flag} matches none of: " + ", ".join(c.name for c in g.cells))
-    if not args.list:   # before any training, so a bad --report cannot lose a long build
-        try:
-            Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            parser.error(f"--report {args.report}: cannot create its folder ({e.strerror})")
     if args.list:
         for cell in g.cells:
             p = g.plan(cell)
             state = "complete" if p.complete else report.missing_lines([p])[0].split(": ", 1)[1]
             print(f"{cell.name:24s} {state}")
         return 0
+    try:   # before any training, so a bad --report cannot lose a long build
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--report {args.report}: cannot create its folder ({e.strerror})")
     why = "--report-only"
     if not args.report_only:
         try:
