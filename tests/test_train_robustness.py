@@ -3,6 +3,7 @@ damaged checkpoints, the checkpoint fingerprint, user errors as one line with st
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -148,6 +149,11 @@ DAMAGE = [("flipped bytes", "truncated chunk"), ("missing _METADATA", "missing i
           ("values changed", None)]
 
 
+# A failed read can make orbax abandon other shard reads still in flight (timing decides;
+# about half of these runs have some): their coroutines, closed by the garbage collector, and
+# TensorStore callbacks that find orbax's event loop closed report "Exception ignored" through
+# Python's unraisable hook. That is orbax's noise about a failure provoked here on purpose.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("kinds", DAMAGE, ids=lambda k: " + ".join(filter(None, k)))
 def test_damaged_latest_checkpoints_fall_back(kinds, reference_run, tmp_path, capfd):
     cfg, reference = reference_run
@@ -158,6 +164,7 @@ def test_damaged_latest_checkpoints_fall_back(kinds, reference_run, tmp_path, ca
             _damage(kind, out / "checkpoints" / str(step))
     damaged = [6, 4][:len(list(filter(None, kinds)))]
     result = loop.train(cfg.replace(out_dir=str(out)), resume=True)
+    gc.collect()  # the abandoned coroutines report now, under this test's filter
     err = capfd.readouterr().err
     warnings = [l for l in err.splitlines() if "damaged" in l]
     assert len(warnings) == len(damaged), err[-3000:]
