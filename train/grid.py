@@ -9,7 +9,8 @@ A *cell* is one (base optimizer, method, schedule). A tuned cell runs
 3. ``seeds`` seeds at the best LR (seed 0 is the ladder's run).
 
 A fixed cell (``fixed_lr_of``) runs its seeds at another cell's best LR: ``upper_bound``
-(uniform at ``s_max`` times alpha_hill's best LR) and the ``module_constant`` ablation.
+(uniform at ``s_max`` times alpha_hill's best LR) and the ablations ``module_constant`` and
+``init_grad/model_init``.
 
 :func:`plan` is a pure function of the runs done so far, so the order of the runs, the
 extensions and the resumption after an interruption are all the same decision: ask the
@@ -41,6 +42,8 @@ class Cell:
       overrides: Extra ``TrainConfig`` fields of this cell, e.g. RLRS's 1% warmup.
       fixed_lr_of: ``None`` for a tuned cell; else the name of the cell whose best LR this
         one runs at.
+      variant: Tells apart two cells of the same method whose ``overrides`` differ (an
+        ablation), e.g. ``"model_init"``; empty for the method as the grid runs it.
     """
 
     optimizer: str
@@ -49,11 +52,17 @@ class Cell:
     center_lr: float = 3e-3
     overrides: tuple[tuple[str, Any], ...] = ()
     fixed_lr_of: str | None = None
+    variant: str = ""
+
+    @property
+    def label(self) -> str:
+        """The method, plus ``/variant`` for a variant: what tables and plots call it."""
+        return f"{self.method}/{self.variant}" if self.variant else self.method
 
     @property
     def name(self) -> str:
-        """``optimizer/method`` (plus ``/wsd`` off the cosine): how cells are referred to."""
-        base = f"{self.optimizer}/{self.method}"
+        """``optimizer/label`` (plus ``/wsd`` off the cosine): how cells are referred to."""
+        base = f"{self.optimizer}/{self.label}"
         return base if self.schedule == "cosine" else f"{base}/{self.schedule}"
 
 

@@ -93,7 +93,7 @@ def best_vs_best(results: Sequence[CellResult], baseline: CellResult | None) -> 
         diverged = sum(1 for v in r.plan.seeds.values() if v is not None and math.isinf(v))
         seeds = f"{len(losses)}/{n_seeds}" + (f" ({diverged} diverged)" if diverged else "")
         if not losses:
-            rows.append((math.inf, f"| {r.plan.cell.method} | "
+            rows.append((math.inf, f"| {r.plan.cell.label} | "
                          f"{'-' if r.plan.best_lr is None else f'{r.plan.best_lr:.3g}'} | "
                          f"{_grid_text(r.plan) if r.plan.ladder else '-'} | not yet | {seeds} "
                          "| | |"))
@@ -110,7 +110,7 @@ def best_vs_best(results: Sequence[CellResult], baseline: CellResult | None) -> 
             versus, speed = "(baseline)", "1 (baseline)"
         else:
             versus, speed = "n/a", "n/a"
-        rows.append((mean, f"| {r.plan.cell.method} | {r.plan.best_lr:.3g} | "
+        rows.append((mean, f"| {r.plan.cell.label} | {r.plan.best_lr:.3g} | "
                      f"{_grid_text(r.plan)} | {_loss(mean, se, len(losses))} | {seeds} | "
                      f"{versus} | {speed} |"))
     rows.sort(key=lambda row: row[0])
@@ -123,7 +123,7 @@ def sweep_table(results: Sequence[CellResult]) -> str:
     if not tuned:
         return "(no LR grid run yet)"
     lrs = sorted({lr for r in tuned for lr, _ in r.plan.ladder})
-    head = ["| peak LR | " + " | ".join(r.plan.cell.method for r in tuned) + " |",
+    head = ["| peak LR | " + " | ".join(r.plan.cell.label for r in tuned) + " |",
             "|---|" + "---|" * len(tuned)]
     lines = []
     for lr in lrs:

@@ -63,7 +63,12 @@ def cells_for(center: float) -> list[Cell]:
     adamw = [Cell("adamw", m, center_lr=center, overrides=_RLRS if m == "relative" else ())
              for m in ("uniform", "alpha_hill", "relative", "init_grad", "blockwise",
                        "alpha_decay", "tempbalance")]
-    ablation = [Cell("adamw", "module_constant", fixed_lr_of="adamw/alpha_hill")]
+    # init_grad trains from the fan-in init its factors were measured at (the paper's
+    # Algorithm 1), every other method from the model's own init: model_init keeps the
+    # factors and drops the init change, to tell which of the two a gain comes from.
+    ablation = [Cell("adamw", "module_constant", fixed_lr_of="adamw/alpha_hill"),
+                Cell("adamw", "init_grad", variant="model_init", fixed_lr_of="adamw/init_grad",
+                     overrides=(("init_grad_train_init", "model"),))]
     muon = [Cell("muon", m, center_lr=center, overrides=_RLRS if m == "relative" else ())
             for m in ("uniform", "alpha_hill", "relative", "init_grad", "blockwise",
                       "tempbalance")]
@@ -246,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         if not chosen:
             parser.error(f"{flag} matches none of: " + ", ".join(c.name for c in g.cells))
     if args.list:
+        width = max(len(cell.name) for cell in g.cells)
         for cell in g.cells:
             p = g.plan(cell)
             state = "complete" if p.complete else report.missing_lines([p])[0].split(": ", 1)[1]
-            print(f"{cell.name:24s} {state}")
+            print(f"{cell.name:{width}s}  {state}")
         return 0
     try:   # before any training, so a bad --report cannot lose a long build
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)

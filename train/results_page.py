@@ -65,6 +65,11 @@ DEPARTURES = """\
 - **module_constant** (the ablation) runs at alpha_hill's best LR with alpha_hill's
   base-LR-weighted mean factor per module type, constant over time and the same for every
   layer.
+- **init_grad** trains from the fan-in initialisation its factors were measured at (the
+  init-grad paper's Algorithm 1: matrices N(0, 1/fan_in), the untied embedding std 1); every
+  other method starts from the model's own init (normal, std 0.02). The ablation
+  **init_grad/model_init** runs init_grad's factors from the model's init, at init_grad's best
+  LR: it tells whether a gain comes from the factors or from the init.
 - **Lion** uses the init-grad paper's GPT-2 settings (b1 0.95, b2 0.98, weight decay 1.0) but,
   like every optimizer here, decays every parameter (the paper: linear layers only). **SGD**
   (heavy-ball 0.9, L2 1e-4) has no language-model setting in any of the papers.
@@ -135,7 +140,7 @@ def write(g: Grid, path: Path, command: str, date: str) -> None:
     shown = [r for r in results if _has_runs(r)]
     groups = _groups(shown)
     stem = path.with_suffix("")
-    baselines = {k: next((r for r in v if r.plan.cell.method == "uniform"), None)
+    baselines = {k: next((r for r in v if r.plan.cell.label == "uniform"), None)
                  for k, v in groups.items()}
     records = [rec for r in results for rec in r.runs.values()]
     cpu_hours = sum(rec.cpu_seconds for rec in records) / 3600
@@ -184,7 +189,7 @@ def write(g: Grid, path: Path, command: str, date: str) -> None:
                 continue
             overall, seeds = evidence.speedups([report.curve(x) for x in base.best_runs],
                                                [report.curve(x) for x in r.best_runs])
-            speed_items.append((f"{title}: {r.plan.cell.method}", overall, seeds))
+            speed_items.append((f"{title}: {r.plan.cell.label}", overall, seeds))
     figures["speedups"] = results_plots.plot_speedups(speed_items, f"{stem}_speedups.png")
     for key, fig in figures.items():
         if fig is not None:

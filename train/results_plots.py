@@ -48,7 +48,7 @@ def plot_curves(groups: Mapping[str, Sequence[CellResult]], path: str | Path) ->
         finals = []
         for r in results:
             tokens, losses = evidence.mean_curve([curve(run) for run in r.best_runs])
-            ax.plot(np.asarray(tokens) / 1e6, losses, label=f"{r.plan.cell.method} "
+            ax.plot(np.asarray(tokens) / 1e6, losses, label=f"{r.plan.cell.label} "
                     f"(lr {r.plan.best_lr:.3g})", lw=1.3)
             finals.append(losses[-1])
         lo = min(finals)
@@ -76,7 +76,7 @@ def plot_sweeps(groups: Mapping[str, Sequence[CellResult]], path: str | Path) ->
             done = [(lr, l) for lr, l in r.plan.ladder if l is not None]
             ok = [(lr, l) for lr, l in done if math.isfinite(l)]
             (line,) = ax.plot([lr for lr, _ in ok], [l for _, l in ok], marker="o", ms=3,
-                              label=r.plan.cell.method)
+                              label=r.plan.cell.label)
             bad = [lr for lr, l in done if not math.isfinite(l)]
             if bad:
                 ax.plot(bad, [top] * len(bad), "x", color=line.get_color())
