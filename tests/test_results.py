@@ -254,3 +254,16 @@ def test_list_prints_every_cell_in_aligned_columns_and_writes_nothing(tmp_path, 
     assert "adamw/init_grad/model_init  waits for adamw/init_grad's best LR" in lines
     columns = {len(line) - len(line.split("  ", 1)[1].lstrip()) for line in lines}
     assert len(columns) == 1   # every state starts in the same column
+
+
+def test_a_fixed_cell_starts_once_the_ladder_it_follows_is_settled(tmp_path, fake_results):
+    # alpha_hill's 5-point ladder settles its best LR (1.5e-3); upper_bound need not wait for
+    # alpha_hill's seeds 1-2, which do not move it. module_constant does: it needs the
+    # factors of all of them.
+    cache = tmp_path / "cache"
+    argv = ["--runs", str(cache), "--report", str(tmp_path / "r.md"), "--cells"]
+    assert results.main(argv + ["adamw/alpha_hill", "--max-runs", "5"]) == 0
+    g = results.Grid("tiny", RunCache(cache, fake_results), seeds=3)
+    upper, ablation = (g.plan(g.cell(n)) for n in ("adamw/upper_bound", "adamw/module_constant"))
+    assert upper.missing == [(1.5e-3, s) for s in range(3)] and upper.waiting_for is None
+    assert ablation.waiting_for == "adamw/alpha_hill" and not ablation.missing

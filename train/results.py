@@ -79,7 +79,7 @@ def cells_for(center: float) -> list[Cell]:
               (("lion", _LION_LR, _LION), ("sgd", _SGD_LR, _SGD)) for m in ("uniform", "init_grad")]
     wsd = [Cell("adamw", m, "wsd", center_lr=center, overrides=_RLRS if m == "relative" else ())
            for m in ("uniform", "alpha_hill", "blockwise", "relative")]
-    return adamw + ablation + muon + rest + others + wsd
+    return adamw[:4] + ablation + adamw[4:] + muon + rest + others + wsd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,8 +140,10 @@ class Grid:
         fixed = None
         if cell.fixed_lr_of:
             other = self.plan(self.cell(cell.fixed_lr_of))
-            ready = other.complete and (cell.method != "module_constant"
-                                        or self.ablation_factors() is not None)
+            # The best LR is settled by the ladder alone (the seeds at it do not move it);
+            # module_constant also needs alpha_hill's factors, measured on all its seeds.
+            ready = (other.best_lr is not None if cell.method != "module_constant"
+                     else other.complete and self.ablation_factors() is not None)
             fixed = other.best_lr if ready else None
         return grid.plan(cell, self._lookup(cell), seeds=self.seeds, fixed_lr=fixed)
 
