@@ -208,7 +208,7 @@ def test_a_waiting_cell_is_announced_again_when_it_completes(capsys):
     said, got = set(), []
     for plans in rounds:
         g = SimpleNamespace(plan=plans.__getitem__, config=lambda *a: None,
-                            cache=SimpleNamespace(busy=lambda cfg: True))
+                            cell=lambda name: alpha, cache=SimpleNamespace(busy=lambda cfg: True))
         got.append(results._next_run(g, [alpha, ablation], said))
     assert got == ["busy", "busy", "busy", "done"]
     assert capsys.readouterr().out.splitlines() == [
@@ -267,3 +267,24 @@ def test_a_fixed_cell_starts_once_the_ladder_it_follows_is_settled(tmp_path, fak
     upper, ablation = (g.plan(g.cell(n)) for n in ("adamw/upper_bound", "adamw/module_constant"))
     assert upper.missing == [(1.5e-3, s) for s in range(3)] and upper.waiting_for is None
     assert ablation.waiting_for == "adamw/alpha_hill" and not ablation.missing
+
+
+@pytest.mark.parametrize("elsewhere, expected", [(True, "busy"), (False, "done")])
+def test_a_worker_given_only_a_waiting_cell_waits_only_if_its_cell_is_being_trained(
+        elsewhere, expected):
+    alpha, upper = Cell("adamw", "alpha_hill"), Cell("adamw", "upper_bound",
+                                                     fixed_lr_of="adamw/alpha_hill")
+    plans = {alpha: SimpleNamespace(missing=[(3e-3, 0)], waiting_for=None),
+             upper: SimpleNamespace(missing=[], waiting_for="adamw/alpha_hill", best_lr=None)}
+    g = SimpleNamespace(plan=plans.__getitem__, config=lambda *a: None, cell=lambda name: alpha,
+                        cache=SimpleNamespace(busy=lambda cfg: elsewhere))
+    assert results._next_run(g, [upper], set()) == expected
+
+
+def test_stopping_with_a_cell_still_waiting_says_so(tmp_path, fake_results, capsys):
+    argv = ["--runs", str(tmp_path / "cache"), "--report", str(tmp_path / "r.md"),
+            "--cells", "adamw/upper_bound"]
+    assert results.main(argv) == 0 and not fake_results.runs
+    out = capsys.readouterr().out
+    assert ("nothing left to run: adamw/upper_bound waits for adamw/alpha_hill, which no "
+            "process is training") in out and "every selected cell is complete" not in out

@@ -184,7 +184,8 @@ def _selected(cells: list[Cell], patterns: str) -> list[Cell]:
 
 def _next_run(g: Grid, cells: list[Cell], said: set[str]) -> tuple[Cell, float, int] | str:
     """The first run the cells miss that no other process is training, in cell order; else
-    ``"busy"`` (what is left is being trained elsewhere) or ``"done"``."""
+    ``"busy"`` (what is left, or a cell it waits for, is being trained elsewhere) or
+    ``"done"`` (nothing left to run here now)."""
     busy = False
     for cell in cells:
         p = g.plan(cell)
@@ -195,6 +196,10 @@ def _next_run(g: Grid, cells: list[Cell], said: set[str]) -> tuple[Cell, float, 
             if state not in said:   # each state once: "waits" and later "complete" both show
                 said.add(state)
                 print(state, flush=True)
+            if p.waiting_for:   # worth waiting for if another process trains that cell
+                other = g.cell(p.waiting_for)
+                busy |= any(g.cache.busy(g.config(other, lr, seed))
+                            for lr, seed in g.plan(other).missing)
             continue   # (a cell it waits for, if selected, is one of the others)
         for lr, seed in p.missing:
             if not g.cache.busy(g.config(cell, lr, seed)):
@@ -221,7 +226,11 @@ def build(g: Grid, cells: list[Cell], args: argparse.Namespace,
             return f"--max-runs {args.max_runs} reached"
         picked = _next_run(g, cells, said)
         if picked == "done":
-            return "every selected cell is complete"
+            waits = [f"{c.name} waits for {p.waiting_for}" for c in cells
+                     if (p := g.plan(c)).waiting_for]
+            return ("every selected cell is complete" if not waits else
+                    f"nothing left to run: {'; '.join(waits)}, which no process is "
+                    "training (add it to --cells)")
         if picked == "busy":
             if not waiting:
                 print("waiting: what is left is being trained by another process", flush=True)
