@@ -54,7 +54,7 @@ def test_a_run_another_process_trains_is_busy_and_not_trained_twice(tmp_path):
 def test_the_training_child_inherits_the_lock(tmp_path, monkeypatch):
     """The real launcher starts its child so that the child holds the run's lock as well
     (a killed parent must not free a run that is still training)."""
-    real_run, seen = subprocess.run, {}
+    real_run, seen = subprocess.run, {}   # the probe runs with the launcher's close_fds
     probe = ("import os\n"
              "def target(fd):\n"
              "    try:\n"
@@ -69,9 +69,9 @@ def test_the_training_child_inherits_the_lock(tmp_path, monkeypatch):
                        check=True, close_fds=kwargs.get("close_fds", True))
         seen["locks"] = out.stdout.strip()
         request = argv[argv.index("--config") + 1]
-        return subprocess.CompletedProcess(argv, FakeTrain()(run_cache_lib.Path(request), None))
+        return FakeTrain()(run_cache_lib.Path(request), None)
 
-    monkeypatch.setattr(run_cache_lib.subprocess, "run", child)
+    monkeypatch.setattr(run_cache_lib, "run_passing_sigterm", child)
     if not run_cache_lib.Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc (Linux)")
     record = RunCache(tmp_path).run(_config())
@@ -105,3 +105,27 @@ def test_two_builders_share_the_grid_and_wait_for_each_other(tmp_path, monkeypat
     out = capsys.readouterr().out
     assert out.count("waiting: what is left is being trained by another process") == 1
     assert "= adamw/uniform: complete (best lr 0.003)" in out
+
+
+_CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: (print("child got SIGTERM", flush=True), sys.exit(75)))
+print("ready", flush=True)
+time.sleep(30)
+"""
+_WORKER = f"""
+import sys
+from train.run_cache import run_passing_sigterm
+print("child exit", run_passing_sigterm([sys.executable, "-c", {_CHILD!r}]), flush=True)
+"""
+
+
+def test_sigterm_to_a_worker_reaches_its_run():
+    # `kill <worker>` must stop the run it trains (which checkpoints on SIGTERM), not leave
+    # it training on, orphaned, with no outcome recorded.
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER], stdout=subprocess.PIPE, text=True)
+    assert worker.stdout.readline().strip() == "ready"
+    worker.terminate()
+    out, _ = worker.communicate(timeout=20)
+    assert out.split("\n")[:2] == ["child got SIGTERM", "child exit 75"]
+    assert worker.returncode == 0

@@ -19,7 +19,10 @@ Several processes may share one cache (``python -m train.results`` started twice
 two machines over a shared file system that supports ``flock``): a run being trained
 holds an exclusive lock on ``<name>.lock``, so the others see it as busy and never train
 it twice. The child process holds the lock too, and the OS drops it when both are gone,
-so a killed worker leaves no stale lock.
+so a killed worker leaves no stale lock. A SIGTERM to a worker is passed on to its run,
+which saves a checkpoint and stops (recorded as interrupted); a worker killed outright
+(SIGKILL) leaves its run training on to the end, holding the lock, and the next worker
+that asks for it records it from its final checkpoint.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ import hashlib
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -151,10 +156,28 @@ def subprocess_launcher(request: Path, log: Path) -> int:
     with log.open("a", encoding="utf-8") as out:
         # close_fds=False passes only the descriptors marked inheritable: the run's lock
         # (RunCache.run), so that the child keeps holding it if this process is killed.
-        return subprocess.run(
+        return run_passing_sigterm(
             [sys.executable, "-m", "train", "--config", str(request), "--resume",
              "--no-progress"], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
-            check=False, close_fds=False).returncode
+            close_fds=False)
+
+
+def run_passing_sigterm(argv: list[str], **popen_kwargs: Any) -> int:
+    """Runs ``argv`` to its end and returns its exit status; a SIGTERM this process gets
+    meanwhile is passed on to it (from the main thread, where Python delivers signals).
+
+    Without this, stopping a worker with ``kill`` (SIGTERM's default action) would leave
+    its run training on, orphaned, and no outcome written; passed on, the trainer saves
+    a checkpoint and exits, and the worker records the run as interrupted.
+    """
+    proc = subprocess.Popen(argv, **popen_kwargs)
+    if threading.current_thread() is not threading.main_thread():
+        return proc.wait()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class RunCache:
