@@ -61,8 +61,9 @@ FAMILY_OVERRIDE_FIELDS = {"llama": LLAMA_OVERRIDE_FIELDS, "moe": MOE_OVERRIDE_FI
                           "gpt2": GPT2_OVERRIDE_FIELDS}
 MODEL_OVERRIDE_FIELDS = tuple(dict.fromkeys(MOE_OVERRIDE_FIELDS + GPT2_OVERRIDE_FIELDS))
 # Where init_grad trains from (``init_grad_train_init``): "paper" = the fan-in
-# initialisation its factors were measured at (the paper's Algorithm 1), "model" = the
-# model's own initialisation (a departure: the factors then belong to another init).
+# initialisation its factors were measured at (Algorithm 1's measuring point), "model" = the
+# model's own initialisation. The paper trains baseline and layer-wise runs from one shared
+# init (GPT-2's std 0.02 for its language models), so "model" is its comparison there.
 INIT_GRAD_TRAIN_INITS = ("paper", "model")
 
 # Fields that do not change the trajectory: they may differ when resuming.

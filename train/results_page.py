@@ -65,11 +65,13 @@ DEPARTURES = """\
 - **module_constant** (the ablation) runs at alpha_hill's best LR with alpha_hill's
   base-LR-weighted mean factor per module type, constant over time and the same for every
   layer.
-- **init_grad** trains from the fan-in initialisation its factors were measured at (the
-  init-grad paper's Algorithm 1: matrices N(0, 1/fan_in), the untied embedding std 1); every
-  other method starts from the model's own init (normal, std 0.02). The ablation
-  **init_grad/model_init** runs init_grad's factors from the model's init, at init_grad's best
-  LR: it tells whether a gain comes from the factors or from the init.
+- **init_grad** trains from the fan-in initialisation its factors were measured at
+  (`--init-grad-train-init paper`, the trainer's default: matrices N(0, 1/fan_in), the untied
+  embedding std 1); every other method starts from the model's own init (normal, std 0.02).
+  A departure: the paper trains its baseline and layer-wise runs from one shared init
+  (GPT-2's std 0.02 for language models). The ablation **init_grad/model_init** runs
+  init_grad's factors from the model's init at init_grad's best LR, the paper's comparison:
+  it tells whether a gain comes from the factors or from the init.
 - **Lion** uses the init-grad paper's GPT-2 settings (b1 0.95, b2 0.98, weight decay 1.0) but,
   like every optimizer here, decays every parameter (the paper: linear layers only). **SGD**
   (heavy-ball 0.9, L2 1e-4) has no language-model setting in any of the papers.
