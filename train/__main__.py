@@ -103,8 +103,8 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--init-grad-batches", "init_grad_batches", int, "init_grad: minibatches measured"),
     ("--init-grad-train-init", "init_grad_train_init", str,
      "init_grad: train from 'paper' (the fan-in initialisation the factors are measured at, "
-     "llr_optax.fan_in_init(rule='paper'), as the paper does) or 'model' (the model's own "
-     "init; a departure)"),
+     "llr_optax.fan_in_init(rule='paper'); the default) or 'model' (the model's own init, "
+     "which every other method uses: the paper's comparison for language models)"),
     ("--mesh", "mesh", str, "train on a device mesh, e.g. 'data=2,fsdp=4': comma-separated "
                             "sizes of the axes data (replicas), fsdp (params and optimizer "
                             "state split along the model width, batch split too) and tensor "

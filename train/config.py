@@ -124,9 +124,11 @@ class TrainConfig:
         once, as the paper), for a flat step time.
       init_grad_batches: init_grad: minibatches ``T`` the gradient is averaged over.
       init_grad_train_init: init_grad: train from the initialisation the factors were
-        measured at, ``"paper"`` (``llr_optax.fan_in_init(rule="paper")``, as the paper
-        does; the default), or from the model's own initialisation, ``"model"`` (a
-        departure). Other methods always start from the model's initialisation.
+        measured at, ``"paper"`` (``llr_optax.fan_in_init(rule="paper")``; the default),
+        or from the model's own initialisation, ``"model"``. Other methods always start
+        from the model's initialisation; the paper trains its baseline and layer-wise runs
+        from one shared init (GPT-2's for language models), so ``"model"`` is its
+        comparison there.
       multipliers: relative: the module table instead of the paper's, as read from a
         ``--multipliers`` file: ``{"multipliers": {label or group: [start, end]},
         "final_fraction": f}`` (see :func:`train.multipliers.check_multipliers`); ``None``: the paper's
