@@ -63,9 +63,10 @@ def cells_for(center: float) -> list[Cell]:
     adamw = [Cell("adamw", m, center_lr=center, overrides=_RLRS if m == "relative" else ())
              for m in ("uniform", "alpha_hill", "relative", "init_grad", "blockwise",
                        "alpha_decay", "tempbalance")]
-    # init_grad trains from the fan-in init its factors were measured at (the paper's
-    # Algorithm 1), every other method from the model's own init: model_init keeps the
-    # factors and drops the init change, to tell which of the two a gain comes from.
+    # init_grad trains from the fan-in init its factors were measured at (the trainer's
+    # default), every other method from the model's own init: model_init keeps the factors
+    # and drops the init change (the paper's own comparison for language models), to tell
+    # which of the two a gain comes from.
     ablation = [Cell("adamw", "module_constant", fixed_lr_of="adamw/alpha_hill"),
                 Cell("adamw", "init_grad", variant="model_init", fixed_lr_of="adamw/init_grad",
                      overrides=(("init_grad_train_init", "model"),))]
