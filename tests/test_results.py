@@ -161,10 +161,10 @@ def test_command_runs_the_grid_in_order_and_writes_the_page(tmp_path, fake_resul
     assert len(runs) == 17
     text = page.read_text()
     assert "Regenerate with `python -m train.results --runs" in text
-    assert "3 of 27 cells complete, 17 runs" in text
-    # 21 tuned cells not started (5 ladder rungs + 2 seeds each) and three fixed cells, the two
-    # upper_bound ones and init_grad/model_init (3 seeds each).
-    assert "Still to run: at least 156 runs, about " in text
+    assert "3 of 28 cells complete, 17 runs" in text
+    # 21 tuned cells not started (5 ladder rungs + 2 seeds each) and four fixed cells, the two
+    # upper_bound ones, init_grad/model_init and uniform/fan_in_init (3 seeds each).
+    assert "Still to run: at least 159 runs, about " in text
     assert "- adamw/init_grad/model_init: waits for adamw/init_grad's best LR" in text
     assert "- muon/uniform: LR grid 0/5 run (not started)" in text
     assert "## Best vs best: adamw" in text and "| alpha_hill | 0.0015 |" in text
@@ -246,11 +246,20 @@ def test_init_grad_model_init_ablation_keeps_the_factors_and_drops_the_init(tmp_
     assert "| init_grad/model_init | 0.003 |" in report.best_vs_best([uniform, variant], uniform)
 
 
+def test_uniform_fan_in_init_control_changes_only_the_start(tmp_path):
+    g = results.Grid("tiny", RunCache(tmp_path, FakeTrain()), seeds=3)
+    control, uniform = g.cell("adamw/uniform/fan_in_init"), g.cell("adamw/uniform")
+    assert g.plan(control).waiting_for == "adamw/uniform"
+    fan_in, own = (g.config(c, 6e-3, 2).to_dict() for c in (control, uniform))
+    assert (fan_in.pop("fan_in_start"), own.pop("fan_in_start")) == (True, False)
+    assert fan_in == own
+
+
 def test_list_prints_every_cell_in_aligned_columns_and_writes_nothing(tmp_path, capsys):
     page = tmp_path / "r.md"
     assert results.main(["--runs", str(tmp_path / "cache"), "--report", str(page), "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 27 and not page.exists()
+    assert len(lines) == 28 and not page.exists()
     assert "adamw/init_grad/model_init  waits for adamw/init_grad's best LR" in lines
     columns = {len(line) - len(line.split("  ", 1)[1].lstrip()) for line in lines}
     assert len(columns) == 1   # every state starts in the same column

@@ -1,5 +1,6 @@
 """train.run_cache: runs keyed by configuration, outcomes, resumption; one real child run."""
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -25,6 +26,18 @@ def test_key_names_what_determines_the_numbers():
                  dict(compilation_cache_dir="/tmp/x"), dict(keep_checkpoints=5)):
         assert run_cache.config_key(base.replace(**same)) == key, same
     assert run_cache.run_name(base).startswith("adamw-uniform-cosine-lr0.003-seed0-")
+
+
+def test_a_field_added_later_keeps_old_keys_at_its_default():
+    """fan_in_start came after the grid's first runs: at False the key is the one computed
+    without it (so cached runs are found); True is a different run."""
+    base = cfg(method="alpha_hill")
+    values = {k: v for k, v in base.to_dict().items()
+              if k not in run_cache._NOT_IN_KEY and k != "fan_in_start"}
+    before = hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":"))
+                            .encode()).hexdigest()[:12]
+    assert run_cache.config_key(base) == before
+    assert run_cache.config_key(base.replace(fan_in_start=True)) != before
 
 
 class FakeLauncher:

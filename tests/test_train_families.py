@@ -214,11 +214,15 @@ def test_relative_on_moe_applies_the_moe_table(source, corpus, tmp_path, data):
 # -------------------------------------------------------------- init_grad's start point
 
 
-def test_init_grad_trains_from_the_papers_initialisation_by_default(corpus, tmp_path, data):
-    """GPT-2, init_grad on Muon: the first logged loss is the paper-initialised model's (fan-in
-    N(0, 1/f_in), tied embedding (1 + sqrt(1/f_in)) / 2), not the model's own init's."""
-    cfg = micro(corpus, tmp_path / "run", "gpt2", method="init_grad", optimizer="muon",
-                steps=2)
+@pytest.mark.parametrize("method, extra", [("init_grad", {}),
+                                           ("uniform", {"fan_in_start": True})])
+def test_init_grad_trains_from_the_papers_initialisation_by_default(corpus, tmp_path, data,
+                                                                    method, extra):
+    """GPT-2 on Muon: init_grad's first logged loss is the paper-initialised model's (fan-in
+    N(0, 1/f_in), tied embedding (1 + sqrt(1/f_in)) / 2), not the model's own init's; so is
+    uniform's with fan_in_start (its control: the same weights for the same seed)."""
+    cfg = micro(corpus, tmp_path / "run", "gpt2", method=method, optimizer="muon",
+                steps=2, **extra)
     assert cfg.init_grad_train_init == "paper"
     result = loop.train(cfg, data=data)
     first = result["train"][0]["loss"]

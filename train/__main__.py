@@ -145,6 +145,13 @@ _MODEL_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--load-balance-loss-weight", "load_balance_loss_weight", float,
      "MoE: weight of the load-balancing loss in the training loss"),
 )
+# Boolean settings (--x / --no-x).
+_SWITCHES: tuple[tuple[str, str, str], ...] = (
+    ("--fan-in-start", "fan_in_start",
+     "every method but init_grad: train from the fan-in initialisation init_grad starts "
+     "from by default (the same weights for the same seed), not the model's own: the "
+     "control for init_grad's start"),
+)
 # Boolean model overrides (--x / --no-x).
 _MODEL_SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("--tie-embeddings", "tie_embeddings", "output head reuses the token embedding"),
@@ -248,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument(flag, type=kind, default=argparse.SUPPRESS, dest=field,
                            metavar=field.upper(),
                            help=f"{help_text} (tiny: {shown if shown != '' else 'unset'})")
+    for flag, field, help_text in _SWITCHES:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, dest=field,
+                           help=f"{help_text} (tiny: {getattr(tiny, field)})")
     model = parser.add_argument_group(
         "model", "override the preset's model shape (model_overrides; each flag shows the "
                  "value of the smallest preset of a family that has it)")
@@ -324,6 +335,7 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     # Absent flags are absent from args (SUPPRESS), so "--ramp-steps none" can set None.
     given = vars(args)
     values.update({field: given[field] for _, field, _, _ in _FLAGS if field in given})
+    values.update({field: given[field] for _, field, _ in _SWITCHES if field in given})
     model = {field: given[field] for field in config_lib.MODEL_OVERRIDE_FIELDS
              if field in given}
     if model:

@@ -129,6 +129,9 @@ class TrainConfig:
         from the model's initialisation; the paper trains its baseline and layer-wise runs
         from one shared init (GPT-2's for language models), so ``"model"`` is its
         comparison there.
+      fan_in_start: every method but init_grad: train from the fan-in initialisation
+        init_grad trains from by default (the same weights for the same seed), not the
+        model's own. The control that tells init_grad's gain from its start's.
       multipliers: relative: the module table instead of the paper's, as read from a
         ``--multipliers`` file: ``{"multipliers": {label or group: [start, end]},
         "final_fraction": f}`` (see :func:`train.multipliers.check_multipliers`); ``None``: the paper's
@@ -202,6 +205,7 @@ class TrainConfig:
     spread: int = 1
     init_grad_batches: int = 10
     init_grad_train_init: str = "paper"
+    fan_in_start: bool = False
     multipliers: Mapping[str, Any] | None = None
     model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     dtype: str = "float32"
@@ -275,11 +279,14 @@ class TrainConfig:
                 and math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
             raise ValueError(
                 f"peak_tflops must be a positive finite number, got {self.peak_tflops!r}")
-        for name in ("progress", "tensorboard"):
+        for name in ("progress", "tensorboard", "fan_in_start"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _check_choice("init_grad_train_init", self.init_grad_train_init,
                       INIT_GRAD_TRAIN_INITS)
+        if self.fan_in_start and self.method == "init_grad":
+            raise ValueError("fan_in_start is for the other methods: init_grad chooses its "
+                             "start with init_grad_train_init (--init-grad-train-init)")
         if self.multipliers is not None:
             if self.method != "relative":
                 raise ValueError("multipliers (--multipliers) apply to --method relative "

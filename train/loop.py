@@ -233,6 +233,10 @@ def _setup(cfg: TrainConfig, *, resume: bool, overwrite: bool,
                                                        return_params=True)
         if cfg.init_grad_train_init == "paper":  # train from where the factors were measured
             nnx.update(model, _placed_like(measured_at, nnx.state(model, nnx.Param)))
+    elif cfg.fan_in_start:   # init_grad's default start, without its factors
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, _placed_like(optimizers.fan_in_params(cfg, nnx.as_pure(params)),
+                                       params))
     tx = optimizers.build_optimizer(cfg, init_scales=init_scales)
     spec, state = state_lib.init_state(model, tx, layout)
     del model  # the state lists own the arrays from here on

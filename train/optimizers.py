@@ -220,6 +220,13 @@ def only_when_applied(inner: optax.GradientTransformation
     return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
+def fan_in_params(cfg: TrainConfig, params: Any) -> Any:
+    """The fan-in initialised copy of ``params`` (``llr_optax.fan_in_init``, the paper's
+    rule) that init_grad measures at: one key per seed, so ``fan_in_start`` runs start
+    from the same weights as init_grad's run with that seed."""
+    return llr_optax.fan_in_init(params, jax.random.fold_in(jax.random.key(cfg.seed), 0x1A17))
+
+
 def measure_init_grad(
     cfg: TrainConfig,
     grad_fn: Callable[[Any, dict], Any],
@@ -248,8 +255,7 @@ def measure_init_grad(
       Per-leaf float32 factors whose parameter-weighted mean is 1; with
       ``return_params``, ``(factors, the copy they were measured at)``.
     """
-    key = jax.random.fold_in(jax.random.key(cfg.seed), 0x1A17)
-    measured = llr_optax.fan_in_init(params, key)
+    measured = fan_in_params(cfg, params)
     grads = [grad_fn(measured, next(batches)) for _ in range(cfg.init_grad_batches)]
     scales = llr_optax.init_grad_scales(grads)
     return (scales, measured) if return_params else scales

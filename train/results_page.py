@@ -71,7 +71,9 @@ DEPARTURES = """\
   A departure: the paper trains its baseline and layer-wise runs from one shared init
   (GPT-2's std 0.02 for language models). The ablation **init_grad/model_init** runs
   init_grad's factors from the model's init at init_grad's best LR, the paper's comparison:
-  it tells whether a gain comes from the factors or from the init.
+  it tells whether a gain comes from the factors or from the init. Its counterpart
+  **uniform/fan_in_init** (`--fan-in-start`) runs uniform from the same fan-in weights as
+  init_grad with the same seed, at uniform's best LR: the init's effect without the factors.
 - **Lion** uses the init-grad paper's GPT-2 settings (b1 0.95, b2 0.98, weight decay 1.0) but,
   like every optimizer here, decays every parameter (the paper: linear layers only). **SGD**
   (heavy-ball 0.9, L2 1e-4) has no language-model setting in any of the papers.

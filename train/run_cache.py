@@ -51,6 +51,9 @@ from train.metrics_log import read_metrics
 # points of the curves exist.
 _NOT_IN_KEY = frozenset({"out_dir", "progress", "compilation_cache_dir", "checkpoint_every",
                          "keep_checkpoints", "tensorboard", "profile", "peak_tflops", "mesh"})
+# Fields added after runs were cached: at their default they stay out of the key, so
+# those runs keep their names (their value then was, in effect, the default).
+_KEYED_UNLESS_DEFAULT = {"fan_in_start": False}
 FINISHED, DIVERGED = "finished", "diverged"
 # python -m train's exit statuses (train/__main__.py); 1 is also a crash's.
 _EXIT_FINISHED, _EXIT_DIVERGED, _EXIT_SIGNAL, _EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -85,7 +88,8 @@ def _exclusive(path: Path):
 
 def config_key(cfg: TrainConfig) -> str:
     """12 hex digits naming everything that determines the run's numbers."""
-    values = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_KEY}
+    values = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_KEY
+              and not (k in _KEYED_UNLESS_DEFAULT and v == _KEYED_UNLESS_DEFAULT[k])}
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
