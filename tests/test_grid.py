@@ -88,7 +88,7 @@ def test_fixed_cell_waits_then_runs_its_seeds_at_the_given_lr():
 @pytest.mark.parametrize("cell, name", [
     (Cell("adamw", "uniform"), "adamw/uniform"),
     (Cell("adamw", "relative", "wsd"), "adamw/relative/wsd"),
-    (Cell("adamw", "init_grad", "wsd", variant="model_init"), "adamw/init_grad/model_init/wsd")])
+    (Cell("adamw", "init_grad", "wsd", variant="fan_in_init"), "adamw/init_grad/fan_in_init/wsd")])
 def test_cell_names(cell, name):
     assert cell.name == name
 

@@ -162,10 +162,10 @@ def test_command_runs_the_grid_in_order_and_writes_the_page(tmp_path, fake_resul
     text = page.read_text()
     assert "Regenerate with `python -m train.results --runs" in text
     assert "3 of 28 cells complete, 17 runs" in text
-    # 21 tuned cells not started (5 ladder rungs + 2 seeds each) and four fixed cells, the two
-    # upper_bound ones, init_grad/model_init and uniform/fan_in_init (3 seeds each).
-    assert "Still to run: at least 159 runs, about " in text
-    assert "- adamw/init_grad/model_init: waits for adamw/init_grad's best LR" in text
+    # 22 tuned cells not started (5 ladder rungs + 2 seeds each) and three fixed cells, the
+    # two upper_bound ones and uniform/fan_in_init (3 seeds each).
+    assert "Still to run: at least 163 runs, about " in text
+    assert "- muon/upper_bound: waits for muon/alpha_hill's best LR" in text
     assert "- muon/uniform: LR grid 0/5 run (not started)" in text
     assert "## Best vs best: adamw" in text and "| alpha_hill | 0.0015 |" in text
     assert "| mlp_up" not in text and "| up | 3.10 | 4.00 | 4.00 | 4.00 |" in text
@@ -233,17 +233,17 @@ def test_unknown_cells_are_a_one_line_error(tmp_path, capsys):
     assert e.value.code == 2 and "matches none of" in capsys.readouterr().err
 
 
-def test_init_grad_model_init_ablation_keeps_the_factors_and_drops_the_init(tmp_path):
+def test_init_grad_fan_in_init_variant_keeps_the_factors_and_changes_the_start(tmp_path):
     g = results.Grid("tiny", RunCache(tmp_path, FakeTrain()), seeds=3)
-    ablation, init_grad = g.cell("adamw/init_grad/model_init"), g.cell("adamw/init_grad")
-    assert g.plan(ablation).waiting_for == "adamw/init_grad"
-    model, paper = (g.config(c, 3e-3, 1).to_dict() for c in (ablation, init_grad))
-    assert (model.pop("init_grad_train_init"), paper.pop("init_grad_train_init")) == (
-        "model", "paper")
+    variant, init_grad = g.cell("adamw/init_grad/fan_in_init"), g.cell("adamw/init_grad")
+    assert variant.fixed_lr_of is None and g.plan(variant).missing[0] == (7.5e-4, 0)
+    paper, model = (g.config(c, 3e-3, 1).to_dict() for c in (variant, init_grad))
+    assert (paper.pop("init_grad_train_init"), model.pop("init_grad_train_init")) == (
+        "paper", "model")
     assert model == paper   # nothing else differs
-    uniform, variant = cell_result("uniform", [2.0, 2.1, 1.9]), cell_result("init_grad", [3.0])
-    variant.plan.cell = ablation
-    assert "| init_grad/model_init | 0.003 |" in report.best_vs_best([uniform, variant], uniform)
+    uniform, result = cell_result("uniform", [2.0, 2.1, 1.9]), cell_result("init_grad", [3.0])
+    result.plan.cell = variant
+    assert "| init_grad/fan_in_init | 0.003 |" in report.best_vs_best([uniform, result], uniform)
 
 
 def test_uniform_fan_in_init_control_changes_only_the_start(tmp_path):
@@ -260,7 +260,7 @@ def test_list_prints_every_cell_in_aligned_columns_and_writes_nothing(tmp_path, 
     assert results.main(["--runs", str(tmp_path / "cache"), "--report", str(page), "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 28 and not page.exists()
-    assert "adamw/init_grad/model_init  waits for adamw/init_grad's best LR" in lines
+    assert "adamw/init_grad/fan_in_init  LR grid 0/5 run (not started)" in lines
     columns = {len(line) - len(line.split("  ", 1)[1].lstrip()) for line in lines}
     assert len(columns) == 1   # every state starts in the same column
 

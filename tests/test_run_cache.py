@@ -34,10 +34,26 @@ def test_a_field_added_later_keeps_old_keys_at_its_default():
     base = cfg(method="alpha_hill")
     values = {k: v for k, v in base.to_dict().items()
               if k not in run_cache._NOT_IN_KEY and k != "fan_in_start"}
+    values["init_grad_train_init"] = "paper"   # see the next test
     before = hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":"))
                             .encode()).hexdigest()[:12]
     assert run_cache.config_key(base) == before
     assert run_cache.config_key(base.replace(fan_in_start=True)) != before
+
+
+def test_init_grad_train_init_names_init_grad_runs_only():
+    """Its default moved from "paper" to "model" after the grid's first runs: other methods
+    are keyed with "paper" whatever it is (it does nothing there), init_grad with its own."""
+    other, init_grad = cfg(method="alpha_hill"), cfg(method="init_grad")
+    values = {k: v for k, v in other.to_dict().items()
+              if k not in run_cache._NOT_IN_KEY and k != "fan_in_start"}
+    values["init_grad_train_init"] = "paper"
+    before = hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":"))
+                            .encode()).hexdigest()[:12]
+    assert other.init_grad_train_init == "model" and run_cache.config_key(other) == before
+    assert run_cache.config_key(other.replace(init_grad_train_init="paper")) == before
+    assert run_cache.config_key(init_grad) != run_cache.config_key(
+        init_grad.replace(init_grad_train_init="paper"))
 
 
 class FakeLauncher:

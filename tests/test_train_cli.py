@@ -43,7 +43,7 @@ NON_DEFAULT = {
     "optimizer": ("--optimizer", "muon", "muon"),
     "schedule": ("--schedule", "wsd", "wsd"), "decay_fraction": ("--decay-fraction", "0.3", 0.3),
     "module_factors": (None, None, {"mlp": 2.0, "embed": 5.0}),
-    "init_grad_train_init": ("--init-grad-train-init", "model", "model"),
+    "init_grad_train_init": ("--init-grad-train-init", "paper", "paper"),
     "fan_in_start": ("--fan-in-start", None, True),
     # --multipliers FILE applies to --method relative only: its own tests below.
     "multipliers": (None, None, None),

@@ -102,9 +102,9 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
                                 "step time; 1: all at once)"),
     ("--init-grad-batches", "init_grad_batches", int, "init_grad: minibatches measured"),
     ("--init-grad-train-init", "init_grad_train_init", str,
-     "init_grad: train from 'paper' (the fan-in initialisation the factors are measured at, "
-     "llr_optax.fan_in_init(rule='paper'); the default) or 'model' (the model's own init, "
-     "which every other method uses: the paper's comparison for language models)"),
+     "init_grad: train from 'model' (the model's own init, as every other method: the "
+     "paper's comparison; the default) or 'paper' (the fan-in initialisation the factors "
+     "are measured at, llr_optax.fan_in_init(rule='paper'))"),
     ("--mesh", "mesh", str, "train on a device mesh, e.g. 'data=2,fsdp=4': comma-separated "
                             "sizes of the axes data (replicas), fsdp (params and optimizer "
                             "state split along the model width, batch split too) and tensor "
@@ -148,9 +148,9 @@ _MODEL_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
 # Boolean settings (--x / --no-x).
 _SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("--fan-in-start", "fan_in_start",
-     "every method but init_grad: train from the fan-in initialisation init_grad starts "
-     "from by default (the same weights for the same seed), not the model's own: the "
-     "control for init_grad's start"),
+     "every method but init_grad: train from the fan-in initialisation that "
+     "--init-grad-train-init paper starts init_grad from (the same weights for the same "
+     "seed), not the model's own"),
 )
 # Boolean model overrides (--x / --no-x).
 _MODEL_SWITCHES: tuple[tuple[str, str, str], ...] = (

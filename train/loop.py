@@ -233,7 +233,7 @@ def _setup(cfg: TrainConfig, *, resume: bool, overwrite: bool,
                                                        return_params=True)
         if cfg.init_grad_train_init == "paper":  # train from where the factors were measured
             nnx.update(model, _placed_like(measured_at, nnx.state(model, nnx.Param)))
-    elif cfg.fan_in_start:   # init_grad's default start, without its factors
+    elif cfg.fan_in_start:   # init_grad's "paper" start, without its factors
         params = nnx.state(model, nnx.Param)
         nnx.update(model, _placed_like(optimizers.fan_in_params(cfg, nnx.as_pure(params)),
                                        params))

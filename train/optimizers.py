@@ -223,7 +223,7 @@ def only_when_applied(inner: optax.GradientTransformation
 def fan_in_params(cfg: TrainConfig, params: Any) -> Any:
     """The fan-in initialised copy of ``params`` (``llr_optax.fan_in_init``, the paper's
     rule) that init_grad measures at: one key per seed, so ``fan_in_start`` runs start
-    from the same weights as init_grad's run with that seed."""
+    from the same weights as init_grad's ``"paper"``-start run with that seed."""
     return llr_optax.fan_in_init(params, jax.random.fold_in(jax.random.key(cfg.seed), 0x1A17))
 
 

@@ -63,14 +63,11 @@ def cells_for(center: float) -> list[Cell]:
     adamw = [Cell("adamw", m, center_lr=center, overrides=_RLRS if m == "relative" else ())
              for m in ("uniform", "alpha_hill", "relative", "init_grad", "blockwise",
                        "alpha_decay", "tempbalance")]
-    # init_grad trains from the fan-in init its factors were measured at (the trainer's
-    # default), every other method from the model's own init: model_init keeps the factors
-    # and drops the init change (the paper's own comparison for language models), and
-    # uniform/fan_in_init takes the init change without the factors, to tell which of the
-    # two a gain comes from.
+    # init_grad from the fan-in init its factors are measured at (tuned on its own), and
+    # uniform from the same weights: the start's share of a gain and the factors' share.
     ablation = [Cell("adamw", "module_constant", fixed_lr_of="adamw/alpha_hill"),
-                Cell("adamw", "init_grad", variant="model_init", fixed_lr_of="adamw/init_grad",
-                     overrides=(("init_grad_train_init", "model"),)),
+                Cell("adamw", "init_grad", variant="fan_in_init", center_lr=center,
+                     overrides=(("init_grad_train_init", "paper"),)),
                 Cell("adamw", "uniform", variant="fan_in_init", fixed_lr_of="adamw/uniform",
                      overrides=(("fan_in_start", True),))]
     muon = [Cell("muon", m, center_lr=center, overrides=_RLRS if m == "relative" else ())

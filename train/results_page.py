@@ -65,15 +65,14 @@ DEPARTURES = """\
 - **module_constant** (the ablation) runs at alpha_hill's best LR with alpha_hill's
   base-LR-weighted mean factor per module type, constant over time and the same for every
   layer.
-- **init_grad** trains from the fan-in initialisation its factors were measured at
-  (`--init-grad-train-init paper`, the trainer's default: matrices N(0, 1/fan_in), the untied
-  embedding std 1); every other method starts from the model's own init (normal, std 0.02).
-  A departure: the paper trains its baseline and layer-wise runs from one shared init
-  (GPT-2's std 0.02 for language models). The ablation **init_grad/model_init** runs
-  init_grad's factors from the model's init at init_grad's best LR, the paper's comparison:
-  it tells whether a gain comes from the factors or from the init. Its counterpart
-  **uniform/fan_in_init** (`--fan-in-start`) runs uniform from the same fan-in weights as
-  init_grad with the same seed, at uniform's best LR: the init's effect without the factors.
+- **init_grad** measures its factors at the fan-in initialisation (matrices N(0, 1/fan_in),
+  the untied embedding std 1) and trains, like every method, from the model's own init
+  (normal, std 0.02): the paper trains its baseline and layer-wise runs from one shared init
+  (GPT-2's std 0.02 for language models). **init_grad/fan_in_init**
+  (`--init-grad-train-init paper`, the trainer's default until 2026-11-30) trains from the
+  fan-in weights the factors were measured at, tuned on its own ladder; **uniform/fan_in_init**
+  (`--fan-in-start`) trains uniform from the same weights with the same seed, at uniform's
+  best LR: together they split a gain between the factors and the start.
 - **Lion** uses the init-grad paper's GPT-2 settings (b1 0.95, b2 0.98, weight decay 1.0) but,
   like every optimizer here, decays every parameter (the paper: linear layers only). **SGD**
   (heavy-ball 0.9, L2 1e-4) has no language-model setting in any of the papers.

@@ -54,6 +54,9 @@ _NOT_IN_KEY = frozenset({"out_dir", "progress", "compilation_cache_dir", "checkp
 # Fields added after runs were cached: at their default they stay out of the key, so
 # those runs keep their names (their value then was, in effect, the default).
 _KEYED_UNLESS_DEFAULT = {"fan_in_start": False}
+# init_grad_train_init's default when the first runs were cached ("model" since): other
+# methods are keyed with it, as they were then.
+_INIT_GRAD_TRAIN_INIT_ELSEWHERE = "paper"
 FINISHED, DIVERGED = "finished", "diverged"
 # python -m train's exit statuses (train/__main__.py); 1 is also a crash's.
 _EXIT_FINISHED, _EXIT_DIVERGED, _EXIT_SIGNAL, _EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -90,6 +93,8 @@ def config_key(cfg: TrainConfig) -> str:
     """12 hex digits naming everything that determines the run's numbers."""
     values = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_KEY
               and not (k in _KEYED_UNLESS_DEFAULT and v == _KEYED_UNLESS_DEFAULT[k])}
+    if cfg.method != "init_grad":   # the field does nothing there: one name whatever it is
+        values["init_grad_train_init"] = _INIT_GRAD_TRAIN_INIT_ELSEWHERE
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
