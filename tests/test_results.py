@@ -161,10 +161,10 @@ def test_command_runs_the_grid_in_order_and_writes_the_page(tmp_path, fake_resul
     assert len(runs) == 17
     text = page.read_text()
     assert "Regenerate with `python -m train.results --runs" in text
-    assert "3 of 28 cells complete, 17 runs" in text
-    # 22 tuned cells not started (5 ladder rungs + 2 seeds each) and three fixed cells, the
-    # two upper_bound ones and uniform/fan_in_init (3 seeds each).
-    assert "Still to run: at least 163 runs, about " in text
+    assert "3 of 29 cells complete, 17 runs" in text
+    # 22 tuned cells not started (5 ladder rungs + 2 seeds each) and four fixed cells, the
+    # two upper_bound ones, uniform/fan_in_init and alpha_hill/fan_in_init (3 seeds each).
+    assert "Still to run: at least 166 runs, about " in text
     assert "- muon/upper_bound: waits for muon/alpha_hill's best LR" in text
     assert "- muon/uniform: LR grid 0/5 run (not started)" in text
     assert "## Best vs best: adamw" in text and "| alpha_hill | 0.0015 |" in text
@@ -259,8 +259,8 @@ def test_list_prints_every_cell_in_aligned_columns_and_writes_nothing(tmp_path, 
     page = tmp_path / "r.md"
     assert results.main(["--runs", str(tmp_path / "cache"), "--report", str(page), "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 28 and not page.exists()
-    assert "adamw/init_grad/fan_in_init  LR grid 0/5 run (not started)" in lines
+    assert len(lines) == 29 and not page.exists()
+    assert "adamw/alpha_hill/fan_in_init  waits for adamw/alpha_hill's best LR" in lines
     columns = {len(line) - len(line.split("  ", 1)[1].lstrip()) for line in lines}
     assert len(columns) == 1   # every state starts in the same column
 

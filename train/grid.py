@@ -9,8 +9,8 @@ A *cell* is one (base optimizer, method, schedule). A tuned cell runs
 3. ``seeds`` seeds at the best LR (seed 0 is the ladder's run).
 
 A fixed cell (``fixed_lr_of``) runs its seeds at another cell's best LR: ``upper_bound``
-(uniform at ``s_max`` times alpha_hill's best LR) and the ablations ``module_constant`` and
-``uniform/fan_in_init``.
+(uniform at ``s_max`` times alpha_hill's best LR) and the ablations ``module_constant``,
+``uniform/fan_in_init`` and ``alpha_hill/fan_in_init``.
 
 :func:`plan` is a pure function of the runs done so far, so the order of the runs, the
 extensions and the resumption after an interruption are all the same decision: ask the

@@ -65,11 +65,16 @@ def cells_for(center: float) -> list[Cell]:
                        "alpha_decay", "tempbalance")]
     # init_grad from the fan-in init its factors are measured at (tuned on its own), and
     # uniform from the same weights: the start's share of a gain and the factors' share.
+    # On tiny the model's std 0.02 is 4.4x below 1/sqrt(width), so alpha_hill from those
+    # weights asks whether its gain is more than making up for a small init.
+    fan_in = (("fan_in_start", True),)
     ablation = [Cell("adamw", "module_constant", fixed_lr_of="adamw/alpha_hill"),
                 Cell("adamw", "init_grad", variant="fan_in_init", center_lr=center,
                      overrides=(("init_grad_train_init", "paper"),)),
                 Cell("adamw", "uniform", variant="fan_in_init", fixed_lr_of="adamw/uniform",
-                     overrides=(("fan_in_start", True),))]
+                     overrides=fan_in),
+                Cell("adamw", "alpha_hill", variant="fan_in_init",
+                     fixed_lr_of="adamw/alpha_hill", overrides=fan_in)]
     muon = [Cell("muon", m, center_lr=center, overrides=_RLRS if m == "relative" else ())
             for m in ("uniform", "alpha_hill", "relative", "init_grad", "blockwise",
                       "tempbalance")]

@@ -73,6 +73,9 @@ DEPARTURES = """\
   fan-in weights the factors were measured at, tuned on its own ladder; **uniform/fan_in_init**
   (`--fan-in-start`) trains uniform from the same weights with the same seed, at uniform's
   best LR: together they split a gain between the factors and the start.
+  **alpha_hill/fan_in_init** runs alpha_hill from those weights at its own best LR: on `tiny`
+  the model's std 0.02 is 4.4x below 1/sqrt(width 128) (1.8x at the 130 M width), so it asks
+  whether alpha_hill's gain is more than making up for a small init.
 - **Lion** uses the init-grad paper's GPT-2 settings (b1 0.95, b2 0.98, weight decay 1.0) but,
   like every optimizer here, decays every parameter (the paper: linear layers only). **SGD**
   (heavy-ball 0.9, L2 1e-4) has no language-model setting in any of the papers.
