@@ -28,15 +28,21 @@ def test_key_names_what_determines_the_numbers():
     assert run_cache.run_name(base).startswith("adamw-uniform-cosine-lr0.003-seed0-")
 
 
+def _key_as_first_cached(config, **keyed_as) -> str:
+    """The key computed in the test: every field in the key but fan_in_start (added later),
+    with ``keyed_as`` replacing values."""
+    values = {k: v for k, v in config.to_dict().items()
+              if k not in run_cache._NOT_IN_KEY and k != "fan_in_start"}
+    values.update(keyed_as)
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def test_a_field_added_later_keeps_old_keys_at_its_default():
     """fan_in_start came after the grid's first runs: at False the key is the one computed
     without it (so cached runs are found); True is a different run."""
     base = cfg(method="alpha_hill")
-    values = {k: v for k, v in base.to_dict().items()
-              if k not in run_cache._NOT_IN_KEY and k != "fan_in_start"}
-    values["init_grad_train_init"] = "paper"   # see the next test
-    before = hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":"))
-                            .encode()).hexdigest()[:12]
+    before = _key_as_first_cached(base, init_grad_train_init="paper")   # see the next test
     assert run_cache.config_key(base) == before
     assert run_cache.config_key(base.replace(fan_in_start=True)) != before
 
@@ -45,13 +51,10 @@ def test_init_grad_train_init_names_init_grad_runs_only():
     """Its default moved from "paper" to "model" after the grid's first runs: other methods
     are keyed with "paper" whatever it is (it does nothing there), init_grad with its own."""
     other, init_grad = cfg(method="alpha_hill"), cfg(method="init_grad")
-    values = {k: v for k, v in other.to_dict().items()
-              if k not in run_cache._NOT_IN_KEY and k != "fan_in_start"}
-    values["init_grad_train_init"] = "paper"
-    before = hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":"))
-                            .encode()).hexdigest()[:12]
+    before = _key_as_first_cached(other, init_grad_train_init="paper")
     assert other.init_grad_train_init == "model" and run_cache.config_key(other) == before
     assert run_cache.config_key(other.replace(init_grad_train_init="paper")) == before
+    assert run_cache.config_key(init_grad) == _key_as_first_cached(init_grad)
     assert run_cache.config_key(init_grad) != run_cache.config_key(
         init_grad.replace(init_grad_train_init="paper"))
 

@@ -43,7 +43,8 @@ NON_DEFAULT = {
     "optimizer": ("--optimizer", "muon", "muon"),
     "schedule": ("--schedule", "wsd", "wsd"), "decay_fraction": ("--decay-fraction", "0.3", 0.3),
     "module_factors": (None, None, {"mlp": 2.0, "embed": 5.0}),
-    "init_grad_train_init": ("--init-grad-train-init", "paper", "paper"),
+    # --init-grad-train-init applies to --method init_grad only: its own test below.
+    "init_grad_train_init": (None, None, "model"),
     "fan_in_start": ("--fan-in-start", None, True),
     # --multipliers FILE applies to --method relative only: its own tests below.
     "multipliers": (None, None, None),
@@ -74,7 +75,10 @@ def test_every_config_field_is_reachable_from_the_command_line(tmp_path):
         assert getattr(cfg, name) == expected, name
     tiny = config_lib.from_preset("tiny")
     assert all(getattr(tiny, name) != expected for name, (_, _, expected) in NON_DEFAULT.items()
-               if name not in ("preset", "multipliers")), "each value must differ from the default"
+               if name not in ("preset", "multipliers", "init_grad_train_init")), \
+        "each value must differ from the default"
+    init_grad = _parse(["--method", "init_grad", "--init-grad-train-init", "paper"])
+    assert (tiny.init_grad_train_init, init_grad.init_grad_train_init) == ("model", "paper")
 
 
 def test_config_file_overrides_the_preset_and_flags_override_the_file(tmp_path):
@@ -125,6 +129,8 @@ def test_bad_config_files_are_one_line_errors(content, name, message, tmp_path, 
      "must end before the decay"),
     (["--schedule", "linear"], None, "Unknown schedule 'linear'"),
     (["--decay-fraction", "0"], None, "decay_fraction must lie in (0, 1]"),
+    (["--init-grad-train-init", "paper"], None, "applies to --method init_grad only"),
+    (["--method", "init_grad", "--fan-in-start"], None, "fan_in_start is for the other"),
 ])
 def test_schedule_and_module_factor_errors_are_one_line(argv, content, message, tmp_path,
                                                        capsys):

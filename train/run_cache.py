@@ -51,12 +51,12 @@ from train.metrics_log import read_metrics
 # points of the curves exist.
 _NOT_IN_KEY = frozenset({"out_dir", "progress", "compilation_cache_dir", "checkpoint_every",
                          "keep_checkpoints", "tensorboard", "profile", "peak_tflops", "mesh"})
-# Fields added after runs were cached: at their default they stay out of the key, so
-# those runs keep their names (their value then was, in effect, the default).
-_KEYED_UNLESS_DEFAULT = {"fan_in_start": False}
-# init_grad_train_init's default when the first runs were cached ("model" since): other
-# methods are keyed with it, as they were then.
-_INIT_GRAD_TRAIN_INIT_ELSEWHERE = "paper"
+# Cached runs keep their names when fields are added or defaults move. A field added
+# later is left out of the key at its default (its value then, in effect). A field that
+# acts on one method only is keyed, for every other method, at the value the first cached
+# runs had, whatever it is: there it changes nothing.
+_ADDED_LATER = {"fan_in_start": False}
+_ONE_METHOD_FIELDS = {"init_grad_train_init": ("init_grad", "paper")}
 FINISHED, DIVERGED = "finished", "diverged"
 # python -m train's exit statuses (train/__main__.py); 1 is also a crash's.
 _EXIT_FINISHED, _EXIT_DIVERGED, _EXIT_SIGNAL, _EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -92,9 +92,10 @@ def _exclusive(path: Path):
 def config_key(cfg: TrainConfig) -> str:
     """12 hex digits naming everything that determines the run's numbers."""
     values = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_KEY
-              and not (k in _KEYED_UNLESS_DEFAULT and v == _KEYED_UNLESS_DEFAULT[k])}
-    if cfg.method != "init_grad":   # the field does nothing there: one name whatever it is
-        values["init_grad_train_init"] = _INIT_GRAD_TRAIN_INIT_ELSEWHERE
+              and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
+    for field, (method, keyed_as) in _ONE_METHOD_FIELDS.items():
+        if cfg.method != method:
+            values[field] = keyed_as
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
