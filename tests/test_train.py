@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,21 @@ def test_config_round_trip_and_presets():
     assert again == cfg
     assert cfg.trajectory_diff(cfg.replace(out_dir="elsewhere", eval_every=7)) == {}
     assert set(cfg.trajectory_diff(cfg.replace(lr=0.5, seed=3))) == {"lr", "seed"}
+
+
+def test_field_of_another_method_does_not_block_resume():
+    # Checkpoints of other methods were written when init_grad_train_init defaulted to
+    # "paper"; the field changes nothing there, so they must still resume.
+    from train.checkpoints import ConfigMismatchError, check_config
+
+    other = config_lib.from_preset("tiny", method="blockwise")
+    written_before = other.replace(init_grad_train_init="paper").to_dict()
+    assert other.trajectory_diff(TrainConfig.from_dict(written_before)) == {}
+    check_config(written_before, other, step=1, directory=Path("ckpt"))
+    init_grad = config_lib.from_preset("tiny", method="init_grad")
+    with pytest.raises(ConfigMismatchError, match="init_grad_train_init: checkpoint has 'paper'"):
+        check_config(init_grad.replace(init_grad_train_init="paper").to_dict(), init_grad,
+                     step=1, directory=Path("ckpt"))
 
 
 @pytest.mark.parametrize("bad, match", [

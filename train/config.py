@@ -76,6 +76,9 @@ RESUMABLE_FIELDS = frozenset(
      "checkpoint_every", "keep_checkpoints", "progress", "mesh", "tensorboard", "profile",
      "compilation_cache_dir", "peak_tflops", "tokenizer_model"}
 )
+# Fields that act on one method only: for any other method their value changes nothing,
+# so a checkpoint may be resumed (and a cached run found) whatever they hold there.
+METHOD_ONLY_FIELDS = {"init_grad_train_init": "init_grad"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,12 +339,18 @@ class TrainConfig:
     def trajectory_diff(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
         """Fields (other than ``RESUMABLE_FIELDS``) where ``self`` and ``other`` differ.
 
+        A field of ``METHOD_ONLY_FIELDS`` counts only when ``self`` runs its method (a
+        checkpoint of another method, written before that field's default moved, still
+        resumes).
+
         Returns:
           ``{field: (self's value, other's value)}``; empty when a checkpoint written
           under ``other`` may be resumed under ``self``.
         """
         a, b = self.to_dict(), other.to_dict()
-        return {k: (a[k], b[k]) for k in a if k not in RESUMABLE_FIELDS and a[k] != b[k]}
+        ignored = RESUMABLE_FIELDS | {field for field, method in METHOD_ONLY_FIELDS.items()
+                                      if self.method != method}
+        return {k: (a[k], b[k]) for k in a if k not in ignored and a[k] != b[k]}
 
 
 def check_combination(method: str, optimizer: str) -> None:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from train.config import TrainConfig
+from train.config import METHOD_ONLY_FIELDS, TrainConfig
 from train.metrics_log import read_metrics
 
 # Fields that change where a run is written or how it is shown, not its numbers. The
@@ -53,10 +53,10 @@ _NOT_IN_KEY = frozenset({"out_dir", "progress", "compilation_cache_dir", "checkp
                          "keep_checkpoints", "tensorboard", "profile", "peak_tflops", "mesh"})
 # Cached runs keep their names when fields are added or defaults move. A field added
 # later is left out of the key at its default (its value then, in effect). A field that
-# acts on one method only is keyed, for every other method, at the value the first cached
-# runs had, whatever it is: there it changes nothing.
+# acts on one method only (config.METHOD_ONLY_FIELDS) is keyed, for every other method,
+# at the value the first cached runs had, whatever it is: there it changes nothing.
 _ADDED_LATER = {"fan_in_start": False}
-_ONE_METHOD_FIELDS = {"init_grad_train_init": ("init_grad", "paper")}
+_KEYED_AS_FOR_OTHER_METHODS = {"init_grad_train_init": "paper"}
 FINISHED, DIVERGED = "finished", "diverged"
 # python -m train's exit statuses (train/__main__.py); 1 is also a crash's.
 _EXIT_FINISHED, _EXIT_DIVERGED, _EXIT_SIGNAL, _EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -93,8 +93,8 @@ def config_key(cfg: TrainConfig) -> str:
     """12 hex digits naming everything that determines the run's numbers."""
     values = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_KEY
               and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
-    for field, (method, keyed_as) in _ONE_METHOD_FIELDS.items():
-        if cfg.method != method:
+    for field, keyed_as in _KEYED_AS_FOR_OTHER_METHODS.items():
+        if cfg.method != METHOD_ONLY_FIELDS[field]:
             values[field] = keyed_as
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
