@@ -40,6 +40,7 @@ import pytest
 
 from train import __main__ as cli
 from train import config as config_lib
+from train import option_text
 
 PARENT_XLA_FLAGS = os.environ.get("XLA_FLAGS")
 CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mesh_train_check.py")
@@ -167,13 +168,13 @@ def test_unfit_layouts_are_refused_clearly(report):
 
 
 def test_parse_mesh():
-    assert config_lib.parse_mesh("") == {}
-    assert config_lib.parse_mesh(" fsdp=4, data=2 ") == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert option_text.parse_mesh("") == {}
+    assert option_text.parse_mesh(" fsdp=4, data=2 ") == {"data": 2, "fsdp": 4, "tensor": 1}
     for bad, match in [("data", "axis=size"), ("data=2,pipe=2", "unknown axis 'pipe'"),
                        ("data=2,data=2", "given twice"), ("fsdp=0", "positive integer"),
                        ("fsdp=x", "positive integer"), ("data=2,", "axis=size")]:
         with pytest.raises(ValueError, match=match):
-            config_lib.parse_mesh(bad)
+            option_text.parse_mesh(bad)
 
 
 def test_mesh_is_resumable_and_validated():

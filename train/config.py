@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from train.multipliers import check_multipliers
+from train.option_text import MESH_AXES, parse_mesh, parse_profile
 from train.run_presets import PRESETS
 
 METHODS = (
@@ -30,10 +31,6 @@ OPTIMIZERS = ("adamw", "muon", "lion", "sgd")
 # Base LR schedules (``--schedule``): warmup + cosine, or warmup-stable-decay (see
 # train/optimizers.py: the decay is linear over the last ``decay_fraction`` of the steps).
 SCHEDULES = ("cosine", "wsd")
-# Axes of the device mesh (``--mesh``): pure data parallelism, FSDP (parameters and
-# optimizer state split along the model width, batch split too) and tensor parallelism
-# (heads / MLP / vocabulary dimensions split). See train/mesh.py.
-MESH_AXES = ("data", "fsdp", "tensor")
 # LARS and LAMB are complete optimizers (their own momentum and trust ratio), not a
 # scale chained after AdamW or Muon.
 STANDALONE_METHODS = ("lars", "lamb")
@@ -394,64 +391,6 @@ def _check_schedule(cfg: TrainConfig) -> None:
     if cfg.method == "module_constant" and not cfg.module_factors:
         raise ValueError("--method module_constant needs --module-factors FILE (a JSON "
                          "object: module type -> LR factor, e.g. {\"mlp\": 2.0})")
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """Parses a ``--mesh`` layout such as ``"data=2,fsdp=4"``.
-
-    Args:
-      text: Comma-separated ``axis=size`` pairs; axes from ``MESH_AXES``, each at most
-        once, sizes positive integers. ``""`` means no mesh.
-
-    Returns:
-      ``{axis: size}`` for every axis of ``MESH_AXES`` (size 1 where not given), or
-      ``{}`` for ``""``.
-
-    Raises:
-      ValueError: Bad syntax, an unknown or repeated axis, or a size < 1.
-    """
-    text = text.strip()
-    if not text:
-        return {}
-    sizes: dict[str, int] = {}
-    for part in text.split(","):
-        name, sep, size = (s.strip() for s in part.partition("="))
-        if not sep or not name or not size:
-            raise ValueError(
-                f"Bad mesh {text!r}: expected comma-separated axis=size pairs such as "
-                f"'data=2,fsdp=4', got {part.strip()!r}")
-        if name not in MESH_AXES:
-            raise ValueError(f"Bad mesh {text!r}: unknown axis {name!r}; expected one of: "
-                             f"{', '.join(MESH_AXES)}")
-        if name in sizes:
-            raise ValueError(f"Bad mesh {text!r}: axis {name!r} is given twice")
-        # isascii: str.isdigit also accepts '²' and other digits int() refuses.
-        if not (size.isascii() and size.isdigit()) or int(size) < 1:
-            raise ValueError(f"Bad mesh {text!r}: the size of {name!r} must be a positive "
-                             f"integer, got {size!r}")
-        sizes[name] = int(size)
-    return {name: sizes.get(name, 1) for name in MESH_AXES}
-
-
-def parse_profile(text: str) -> tuple[int, int] | None:
-    """Parses a ``--profile START:N`` window.
-
-    Returns:
-      ``(start, n)``: trace updates ``start + 1`` ... ``start + n`` (``start`` >= 0
-      updates done before the trace starts, ``n`` >= 1), or ``None`` for ``""``.
-
-    Raises:
-      ValueError: Anything else.
-    """
-    text = text.strip()
-    if not text:
-        return None
-    start, sep, count = (s.strip() for s in text.partition(":"))
-    if not (sep and start.isascii() and start.isdigit() and count.isascii()
-            and count.isdigit() and int(count) >= 1):
-        raise ValueError(f"Bad profile window {text!r}: expected START:N with integers "
-                         "START >= 0 and N >= 1, e.g. '10:5'")
-    return int(start), int(count)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -2,7 +2,7 @@
 
 The layout follows the model's *logical* sharding annotations (``models.llama``): every
 parameter names its dimensions (``embed``, ``vocab``, ``heads``, ``kv_heads``, ``mlp``)
-and :func:`axis_rules` maps those names onto the mesh axes (``config.MESH_AXES``):
+and :func:`axis_rules` maps those names onto the mesh axes (``option_text.MESH_AXES``):
 
 * ``data``: pure data parallelism; parameters are replicated along it.
 * ``fsdp``: fully sharded data parallelism; every parameter, and its optimizer state,
@@ -39,7 +39,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models import LOGICAL_AXIS_RULES
-from train.config import MESH_AXES, TrainConfig, parse_mesh
+from train.config import TrainConfig
+from train.option_text import MESH_AXES, parse_mesh
 
 # Logical dimension -> mesh axis under tensor parallelism (replacing the model's
 # data/FSDP-only rules for these names). MoE experts ("expert", the leading axis of the

@@ -28,7 +28,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from train.config import TrainConfig, parse_profile
+from train.config import TrainConfig
+from train.option_text import parse_profile
 from train.errors import UserError
 from train.metrics_log import FactorReport, MetricsLog
 
