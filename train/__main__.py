@@ -336,12 +336,13 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     given = vars(args)
     values.update({field: given[field] for _, field, _, _ in _FLAGS if field in given})
     values.update({field: given[field] for _, field, _ in _SWITCHES if field in given})
-    if "init_grad_train_init" in given and values.get("method", "uniform") != "init_grad":
-        # TrainConfig accepts it for any method (cached runs of other methods carry it),
-        # but a flag that would change nothing is a mistake worth a line.
-        raise ValueError("--init-grad-train-init applies to --method init_grad only, not "
-                         f"{values.get('method', 'uniform')!r} (--fan-in-start gives other "
-                         "methods the fan-in start)")
+    method = values.get("method", "uniform")
+    for field, its_method in config_lib.METHOD_ONLY_FIELDS.items():
+        # TrainConfig accepts such a field for any method (cached runs of other methods
+        # carry it), but a flag that would change nothing is a mistake worth a line.
+        if field in given and method != its_method:
+            raise ValueError(f"--{field.replace('_', '-')} applies to --method {its_method} "
+                             f"only, not {method!r}")
     model = {field: given[field] for field in config_lib.MODEL_OVERRIDE_FIELDS
              if field in given}
     if model:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from train.multipliers import check_multipliers
-from train.option_text import MESH_AXES, parse_mesh, parse_profile
+from train.option_text import parse_mesh, parse_profile
 from train.run_presets import PRESETS
 
 METHODS = (
@@ -149,7 +149,7 @@ class TrainConfig:
         of this many batches of ``batch_size`` (``optax.MultiSteps``); ``steps`` counts
         updates, so a run reads ``steps * accumulate`` batches.
       progress: Show a tqdm progress bar (on a terminal; plain log lines otherwise).
-      mesh: Device mesh layout, e.g. ``"data=2,fsdp=4"`` (axes from ``MESH_AXES``,
+      mesh: Device mesh layout, e.g. ``"data=2,fsdp=4"`` (axes from ``option_text.MESH_AXES``,
         the sizes multiply to the number of devices; missing axes have size 1), or
         ``""`` for the plain single-device step. The layout changes where numbers
         live, not which numbers are computed, so it may differ on resume.
