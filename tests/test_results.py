@@ -130,9 +130,13 @@ class FakeTrain:
             scale = {"model/layers/0/mlp/up_proj/kernel": 4.0,
                      "model/layers/0/self_attn/q_proj/kernel": 1.2,
                      "model/embed_tokens/embedding": 5.0}
-            records += [{"kind": "alpha", "step": 0, "alpha": {
-                "model/layers/0/mlp/up_proj/kernel": 3.1,
-                "model/layers/0/self_attn/q_proj/kernel": 2.1}},
+            alpha = {"model/layers/0/mlp/up_proj/kernel": 3.1,
+                     "model/layers/0/self_attn/q_proj/kernel": 2.1}
+            if cfg["preset"].startswith("moe"):   # stacked experts log one value each
+                alpha = {"model/layers/0/moe/experts/up_proj": [2.4, 2.8],
+                         "model/layers/0/self_attn/q_proj/kernel": 2.1}
+                scale["model/layers/0/moe/experts/up_proj"] = [2.0, 3.0]
+            records += [{"kind": "alpha", "step": 0, "alpha": alpha},
                         {"kind": "scale", "step": 0, "scale": scale}]
         Path(cfg["out_dir"], "metrics.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in records))
@@ -297,3 +301,58 @@ def test_stopping_with_a_cell_still_waiting_says_so(tmp_path, fake_results, caps
     out = capsys.readouterr().out
     assert ("nothing left to run: adamw/upper_bound waits for adamw/alpha_hill, which no "
             "process is training") in out and "every selected cell is complete" not in out
+
+
+def test_moe_grid_tunes_its_four_cells_and_states_its_own_setup(tmp_path, fake_results):
+    found = tmp_path / "found.json"   # what python -m train.search writes
+    found.write_text(json.dumps({"multipliers": {"expert": [0.5, 1.5], "embed": [4, 1]},
+                                 "final_fraction": 0.04, "lr": 0.002, "weight_decay": 0.05}))
+    page = tmp_path / "moe.md"
+    argv = ["--preset", "moe-tiny", "--runs", str(tmp_path / "cache"), "--report", str(page),
+            "--searched", str(found)]
+    assert results.main(argv) == 0
+    runs = fake_results.runs
+    assert [m for m, _, _ in runs[::7]] == ["uniform", "relative", "alpha_hill", "relative"]
+    assert len(runs) == 28
+    # The searched table's ladder is centred on its file's lr; fake best 3e-3 -> 4e-3.
+    assert runs[21:] == [("relative", lr, 0) for lr in (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)] + [
+        ("relative", 4e-3, 1), ("relative", 4e-3, 2)]
+    requests = {p.name: json.loads(p.read_text())
+                for p in (tmp_path / "cache" / "requests").glob("*.json")}
+    searched = [r for r in requests.values() if r["multipliers"] is not None]
+    assert len(searched) == 7 and all(
+        r["multipliers"] == {"multipliers": {"expert": [0.5, 1.5], "embed": [4.0, 1.0]},
+                             "final_fraction": 0.04}
+        and r["weight_decay"] == 0.05 and r["warmup_fraction"] == 0.01 for r in searched)
+    paper = [r for r in requests.values()
+             if r["method"] == "relative" and r["multipliers"] is None]
+    assert len(paper) == 7 and all(r["warmup_fraction"] == 0.01 and r["weight_decay"] == 0.1
+                                   for r in paper)
+    assert {r["steps"] for r in requests.values()} == {600}
+    text = page.read_text()
+    assert f"--searched {found}" in text and "4 of 4 cells complete, 28 runs" in text
+    assert "The `moe-tiny` MoE LLaMa (3.48 M parameters" in text and "active per token" in text
+    assert "its Table 4: embed (5, 0.6)" in text and "router ([128, 8]: 8 eigenvalues)" in text
+    assert "the file's weight decay 0.05: embed (4, 1), expert (0.5, 1.5)" in text
+    assert "AdamW 3e-3, relative/searched (its file's lr) 2e-3" in text
+    assert "| relative/searched | 0.004 |" in text
+    # The dense grid's notes and ablation are not this grid's.
+    assert "Blockwise" not in text and "Ablation" not in text and "Lion" not in text
+    # alpha at step 0 from the runs: experts (2.4 + 2.8) / 2 against q 2.1.
+    assert ("the rectangular expert matrices (128 x 256) have a mean alpha of 2.60 and the "
+            "square attention q/o ones (128 x 128) 2.10") in text
+    assert "| expert | 2.60 | 2.50 | 2.50 | 2.50 |" in text
+
+
+def test_a_bad_searched_file_is_a_one_line_error_before_any_run(tmp_path, fake_results,
+                                                                  capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"multipliers": {"experts_typo": [1, 1]}, "final_fraction": 0.04}))
+    for path in (bad, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit) as e:
+            results.main(["--preset", "moe-tiny", "--runs", str(tmp_path / "c"),
+                          "--searched", str(path)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"python -m train.results: error: --searched {str(path)!r}")
+    assert fake_results.runs == []

@@ -6,7 +6,7 @@ for every update while the factors can move (the active phase and its last ramp)
 applied factor of every update is known exactly.
 
 Per module type (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down`` and the fixed
-``embed``/``head``) we average over the matrices of that type (all layers), then over time.
+``embed``/``head``; a MoE's ``router`` and ``expert``) we average over the matrices of that type (all layers), then over time.
 The time average is weighted by the base LR, ``sum_t eta(t) s(t) / sum_t eta(t)``: the
 constant factor that gives a module type the same total LR as alpha_hill gave it, which is
 what the ``module_constant`` ablation then applies at every step.
@@ -20,7 +20,8 @@ import numpy as np
 
 # llr_optax labels -> the short module-type names of the report, in display order.
 MODULE_TYPES = {"embed": "embed", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_o": "o",
-                "mlp_gate": "gate", "mlp_up": "up", "mlp_down": "down", "head": "head"}
+                "mlp_gate": "gate", "mlp_up": "up", "mlp_down": "down", "router": "router",
+                "expert": "expert", "head": "head"}
 
 
 def label_of(path: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import shlex
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from train import config as config_lib
 from train import grid, report, results_page
+from train import multipliers as multipliers_lib
 from train.grid import Cell
 from train.run_cache import RunBusy, RunCache, RunFailed, RunInterrupted
 
@@ -45,6 +47,13 @@ RUN_SETTINGS = {
                 checkpoint_every=500, keep_checkpoints=1),
     "60m": dict(steps=10000, eval_every=400, eval_batches=16, val_batch_size=64,
                 log_every=50, checkpoint_every=1000, keep_checkpoints=1),
+    # moe-tiny: a step costs about 3x a tiny one (dense dispatch over 8 experts; measured
+    # 1,100 vs 3,300 tokens/s per run with two side by side on 2 cores), so 600 steps
+    # (1.2 M tokens, ~19 min per run) keep a run near tiny's; 24 evaluations; alpha_hill at
+    # tiny's proportions again (6 recomputes over the first 20%).
+    "moe-tiny": dict(steps=600, eval_every=25, eval_batches=8, val_batch_size=64,
+                     log_every=25, checkpoint_every=200, keep_checkpoints=1, interval=20,
+                     ramp_steps=10),
 }
 # RLRS as published: 1% warmup (the other methods keep the preset's 10%).
 _RLRS = (("warmup_fraction", 0.01),)
@@ -58,8 +67,25 @@ _SGD = (("b1", 0.9), ("weight_decay", 1e-4))
 _LARS, _LAMB, _LION_LR, _SGD_LR = 1e-2, 3e-2, 6e-4, 0.5
 
 
-def cells_for(center: float) -> list[Cell]:
-    """The grid, in the order it is run (what matters most first)."""
+def searched_cell(center: float, table: dict, settings: dict[str, float]) -> Cell:
+    """``relative`` with a table ``python -m train.search`` found (a ``--multipliers`` file):
+    RLRS's 1% warmup, the file's weight decay if it has one, a ladder centred on its lr."""
+    # The table travels as JSON text so that a Cell stays hashable; Grid.config reads it.
+    overrides = (*_RLRS, ("multipliers", json.dumps(table, sort_keys=True)))
+    if "weight_decay" in settings:
+        overrides += (("weight_decay", settings["weight_decay"]),)
+    return Cell("adamw", "relative", variant="searched", overrides=overrides,
+                center_lr=settings.get("lr", center))
+
+
+def cells_for(center: float, family: str = "llama", searched: Cell | None = None
+              ) -> list[Cell]:
+    """The grid of a model family, in the order it is run (what matters most first);
+    ``searched`` (a :func:`searched_cell`) joins it after the paper's ``relative``."""
+    extra = [] if searched is None else [searched]
+    if family == "moe":   # RLRS's MoE question: its table (Table 4), searched, LLR
+        return [Cell("adamw", m, center_lr=center, overrides=_RLRS if m == "relative" else ())
+                for m in ("uniform", "relative", "alpha_hill")] + extra
     adamw = [Cell("adamw", m, center_lr=center, overrides=_RLRS if m == "relative" else ())
              for m in ("uniform", "alpha_hill", "relative", "init_grad", "blockwise",
                        "alpha_decay", "tempbalance")]
@@ -85,7 +111,7 @@ def cells_for(center: float) -> list[Cell]:
               (("lion", _LION_LR, _LION), ("sgd", _SGD_LR, _SGD)) for m in ("uniform", "init_grad")]
     wsd = [Cell("adamw", m, "wsd", center_lr=center, overrides=_RLRS if m == "relative" else ())
            for m in ("uniform", "alpha_hill", "blockwise", "relative")]
-    return adamw[:4] + ablation + adamw[4:] + muon + rest + others + wsd
+    return adamw[:4] + extra + ablation + adamw[4:] + muon + rest + others + wsd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "report shows every cell the cache has runs for)")
     p.add_argument("--page-cells", default="*",
                    help="the cells the page covers, as --cells (default: all)")
+    p.add_argument("--searched", default=None, metavar="FILE",
+                   help="also run relative with this table (a --multipliers file, what "
+                        "python -m train.search writes) as the cell adamw/relative/searched: "
+                        "its weight decay if it has one, an LR ladder centred on its lr")
     p.add_argument("--seeds", type=int, default=3, help="seeds at each best LR (default 3)")
     p.add_argument("--runs", default="runs/results",
                    help="the run cache (keep it outside a git checkout)")
@@ -117,12 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
 class Grid:
     """The cells of one preset over one run cache: configs, plans and results."""
 
-    def __init__(self, preset: str, cache: RunCache, seeds: int, page_cells: str = "*"):
+    def __init__(self, preset: str, cache: RunCache, seeds: int, page_cells: str = "*",
+                 searched: tuple[dict, dict[str, float]] | None = None):
         self.preset, self.cache, self.seeds = preset, cache, seeds
         self.base = {**RUN_SETTINGS[preset], "progress": False,
                      "compilation_cache_dir": str(Path(cache.root) / "xla_cache")}
         center = config_lib.PRESETS[preset]["lr"]
-        self.cells = cells_for(center)
+        self.family = config_lib.model_family(preset)
+        self.cells = cells_for(center, self.family,
+                               None if searched is None else searched_cell(center, *searched))
         self.page_cells = _selected(self.cells, page_cells)
         self._factors: dict[str, float] | None = None
 
@@ -130,6 +163,8 @@ class Grid:
         values = {**self.base, **dict(cell.overrides), "method": cell.method,
                   "optimizer": cell.optimizer, "schedule": cell.schedule, "lr": lr,
                   "seed": seed}
+        if isinstance(values.get("multipliers"), str):   # see searched_cell
+            values["multipliers"] = json.loads(values["multipliers"])
         if cell.method == "module_constant":
             values["module_factors"] = self.ablation_factors() or {"other": 1.0}
         return config_lib.from_preset(self.preset, **values)
@@ -262,7 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
-    g = Grid(args.preset, RunCache(args.runs), args.seeds, args.page_cells)
+    searched = None
+    if args.searched:
+        try:
+            searched = multipliers_lib.load_multipliers_file(args.searched)
+        except ValueError as e:
+            parser.error(str(e).replace("--multipliers", "--searched", 1))
+    g = Grid(args.preset, RunCache(args.runs), args.seeds, args.page_cells, searched)
     cells = _selected(g.cells, args.cells)
     for flag, chosen in (("--cells", cells), ("--page-cells", g.page_cells)):
         if not chosen:
@@ -297,8 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     command = ["python", "-m", "train.results"] + [
         item for flag, value in (("--preset", args.preset), ("--runs", args.runs),
                                  ("--report", args.report), ("--seeds", str(args.seeds)),
-                                 ("--page-cells", args.page_cells))
-        if value != str(getattr(defaults, flag[2:].replace("-", "_"))) for item in (flag, value)]
+                                 ("--page-cells", args.page_cells),
+                                 ("--searched", args.searched))
+        if value is not None and value != str(getattr(defaults, flag[2:].replace("-", "_")))
+        for item in (flag, value)]
     results_page.write(g, Path(args.report), shlex.join(command), time.strftime("%Y-%m-%d"))
     return 0
 
