@@ -356,3 +356,14 @@ def test_a_bad_searched_file_is_a_one_line_error_before_any_run(tmp_path, fake_r
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"python -m train.results: error: --searched {str(path)!r}")
     assert fake_results.runs == []
+
+
+def test_list_into_a_pipe_that_closes_early_is_quiet(tmp_path):
+    # `--list | head -1`: head exits after one line; the rest must not end in a traceback.
+    import subprocess
+    import sys
+    script = (f"{sys.executable} -m train.results --runs {tmp_path / 'c'} --list "
+              "| head -c 1 >/dev/null; exit ${PIPESTATUS[0]}")
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import shlex
 import sys
 import time
@@ -254,6 +255,18 @@ def _next_run(g: Grid, cells: list[Cell], said: set[str]) -> tuple[Cell, float, 
     return "busy" if busy else "done"
 
 
+def _list_cells(g: Grid) -> int:
+    width = max(len(cell.name) for cell in g.cells)
+    try:
+        for cell in g.cells:
+            p = g.plan(cell)
+            state = "complete" if p.complete else report.missing_lines([p])[0].split(": ", 1)[1]
+            print(f"{cell.name:{width}s}  {state}", flush=True)
+    except BrokenPipeError:   # `--list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # quiet exit flush
+    return 0
+
+
 def build(g: Grid, cells: list[Cell], args: argparse.Namespace,
           poll_seconds: float = 60.0) -> str:
     """Trains what ``cells`` miss, in order, leaving alone the runs other processes sharing
@@ -309,12 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         if not chosen:
             parser.error(f"{flag} matches none of: " + ", ".join(c.name for c in g.cells))
     if args.list:
-        width = max(len(cell.name) for cell in g.cells)
-        for cell in g.cells:
-            p = g.plan(cell)
-            state = "complete" if p.complete else report.missing_lines([p])[0].split(": ", 1)[1]
-            print(f"{cell.name:{width}s}  {state}")
-        return 0
+        return _list_cells(g)
     try:   # before any training, so a bad --report cannot lose a long build
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
