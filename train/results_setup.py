@@ -123,8 +123,8 @@ def departure_lines(g: Grid) -> list[str]:
         lines.append(
             "- **relative/searched** runs a table found by `python -m train.search` (the "
             f"`--searched` file), on RLRS's 1% warmup and its own LR ladder{decay}: "
-            f"{_table_text(cfg.multipliers)}. A table searched on short runs of one seed "
-            "carries the search's noise.")
+            f"{_table_text(cfg.multipliers)}. It is the best of the points the search "
+            "tried, picked on its runs' noise; these runs test it afresh.")
     if g.family != "moe":
         lines.append(DENSE_NOTES)
     decayed = "/".join(dict.fromkeys(_OPTIMIZER_NAMES[c.optimizer] for c in g.cells
