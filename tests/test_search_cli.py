@@ -135,7 +135,7 @@ def test_transfer_runs_three_tables_on_the_target(tmp_path):
     (["--coordinates", "lr,mlp.middle"], "--coordinates: unknown mlp.middle"),
     (["--set", "method=uniform"], "the search decides method"),
     (["--set", "colour=3"], "not a TrainConfig or model field"),
-    (["--start", "missing.json"], "cannot be read"),
+    (["--start", "missing.json"], "--start 'missing.json' cannot be read"),
     (["--transfer-to", "moe-tiny"], "between MoE presets or between dense ones"),
 ])
 def test_bad_arguments_are_one_line_errors(extra, message, tmp_path, capsys):

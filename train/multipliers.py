@@ -72,8 +72,13 @@ def check_multipliers(values: Any, what: str = "multipliers") -> dict[str, Any]:
     return {"multipliers": out, "final_fraction": float(fraction)}
 
 
-def load_multipliers_file(path: str) -> tuple[dict[str, Any], dict[str, float]]:
+def load_multipliers_file(path: str, flag: str = "--multipliers"
+                          ) -> tuple[dict[str, Any], dict[str, float]]:
     """Reads a ``--multipliers`` JSON file (what ``python -m train.search`` writes).
+
+    Args:
+      path: The file.
+      flag: The command-line option that named it, for error messages.
 
     Returns:
       ``(table, settings)``: the table as :func:`check_multipliers` returns it, and the
@@ -82,7 +87,7 @@ def load_multipliers_file(path: str) -> tuple[dict[str, Any], dict[str, float]]:
     Raises:
       ValueError: Unreadable file, not JSON, or bad content (one line naming the file).
     """
-    what = f"--multipliers {path!r}"
+    what = f"{flag} {path!r}"
     try:
         with open(path, encoding="utf-8") as f:
             values = json.load(f)

@@ -313,9 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     searched = None
     if args.searched:
         try:
-            searched = multipliers_lib.load_multipliers_file(args.searched)
+            searched = multipliers_lib.load_multipliers_file(args.searched, "--searched")
         except ValueError as e:
-            parser.error(str(e).replace("--multipliers", "--searched", 1))
+            parser.error(str(e))
     g = Grid(args.preset, RunCache(args.runs), args.seeds, args.page_cells, searched)
     cells = _selected(g.cells, args.cells)
     for flag, chosen in (("--cells", cells), ("--page-cells", g.page_cells)):

@@ -220,7 +220,7 @@ def _start(args, base: TrainConfig) -> tuple[TrainConfig, dict[str, float], floa
     if args.start == "uniform":
         table = {m: (1.0, 1.0) for m in table}
     elif args.start != "paper":
-        loaded, settings = multipliers_lib.load_multipliers_file(args.start)
+        loaded, settings = multipliers_lib.load_multipliers_file(args.start, "--start")
         table = {k: tuple(v) for k, v in loaded["multipliers"].items()}
         fraction = loaded["final_fraction"]
         base = base.replace(**settings)
