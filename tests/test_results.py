@@ -174,6 +174,13 @@ def test_command_runs_the_grid_in_order_and_writes_the_page(tmp_path, fake_resul
     assert "## Best vs best: adamw" in text and "| alpha_hill | 0.0015 |" in text
     assert "| mlp_up" not in text and "| up | 3.10 | 4.00 | 4.00 | 4.00 |" in text
     assert "module_constant minus alpha_hill" in text
+    # The setup notes follow the grid's settings: tiny's recompute interval, every center.
+    assert ("x2 ladders around a center (AdamW/Muon 3e-3, LARS 0.01, LAMB 0.03, Lion 6e-4, "
+            "SGD 0.5)") in text and "recomputed every 50 steps during the first 20%" in text
+    assert "The paper's dense table and final fraction 0.06" in text and "**Blockwise.**" in text
+    assert ("rectangular MLP matrices (128 x 352) have a mean alpha of 3.10 and the square "
+            "attention q/o ones (128 x 128) 2.10, from their aspect ratio alone, so the first "
+            "assignment boosts the MLP matrices") in text
     assert text.rstrip().endswith("## MoE\nkept text") and "old" not in text.split("\n")[0]
     for png in ("lr_sweeps", "curves", "speedups", "llr_factors"):
         assert (tmp_path / f"results_{png}.png").stat().st_size > 1000
@@ -333,7 +340,7 @@ def test_moe_grid_tunes_its_four_cells_and_states_its_own_setup(tmp_path, fake_r
     assert f"--searched {found}" in text and "4 of 4 cells complete, 28 runs" in text
     assert "The `moe-tiny` MoE LLaMa (3.48 M parameters" in text and "active per token" in text
     assert "its Table 4: embed (5, 0.6)" in text and "router ([128, 8]: 8 eigenvalues)" in text
-    assert "the file's weight decay 0.05: embed (4, 1), expert (0.5, 1.5)" in text
+    assert "the file's weight decay 0.05: expert (0.5, 1.5), embed (4, 1)" in text
     assert "AdamW 3e-3, relative/searched (its file's lr) 2e-3" in text
     assert "| relative/searched | 0.004 |" in text
     # The dense grid's notes and ablation are not this grid's.

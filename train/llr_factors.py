@@ -5,8 +5,9 @@ for every update while the factors can move (the active phase and its last ramp)
 ``log_every`` updates after. The factor of a record holds until the next one, so the
 applied factor of every update is known exactly.
 
-Per module type (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down`` and the fixed
-``embed``/``head``; a MoE's ``router`` and ``expert``) we average over the matrices of that type (all layers), then over time.
+Per module type (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``, a MoE's ``router``
+and ``expert``, and the fixed ``embed``/``head``) we average over the matrices of that type
+(all layers), then over time.
 The time average is weighted by the base LR, ``sum_t eta(t) s(t) / sum_t eta(t)``: the
 constant factor that gives a module type the same total LR as alpha_hill gave it, which is
 what the ``module_constant`` ablation then applies at every step.

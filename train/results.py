@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import os
 import shlex
 import sys
@@ -71,8 +70,7 @@ _LARS, _LAMB, _LION_LR, _SGD_LR = 1e-2, 3e-2, 6e-4, 0.5
 def searched_cell(center: float, table: dict, settings: dict[str, float]) -> Cell:
     """``relative`` with a table ``python -m train.search`` found (a ``--multipliers`` file):
     RLRS's 1% warmup, the file's weight decay if it has one, a ladder centred on its lr."""
-    # The table travels as JSON text so that a Cell stays hashable; Grid.config reads it.
-    overrides = (*_RLRS, ("multipliers", json.dumps(table, sort_keys=True)))
+    overrides = (*_RLRS, ("multipliers", table))
     if "weight_decay" in settings:
         overrides += (("weight_decay", settings["weight_decay"]),)
     return Cell("adamw", "relative", variant="searched", overrides=overrides,
@@ -164,8 +162,6 @@ class Grid:
         values = {**self.base, **dict(cell.overrides), "method": cell.method,
                   "optimizer": cell.optimizer, "schedule": cell.schedule, "lr": lr,
                   "seed": seed}
-        if isinstance(values.get("multipliers"), str):   # see searched_cell
-            values["multipliers"] = json.loads(values["multipliers"])
         if cell.method == "module_constant":
             values["module_factors"] = self.ablation_factors() or {"other": 1.0}
         return config_lib.from_preset(self.preset, **values)
