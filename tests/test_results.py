@@ -3,6 +3,7 @@ factors per module type, and the whole command on a fake run cache (no training)
 
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -146,7 +147,8 @@ class FakeTrain:
 @pytest.fixture
 def fake_results(monkeypatch):
     fake = FakeTrain()
-    monkeypatch.setattr(results, "RunCache", lambda root: RunCache(root, fake))
+    monkeypatch.setattr(results, "RunCache",
+                        lambda root, ledger=None: RunCache(root, fake, ledger))
     return fake
 
 
@@ -190,6 +192,12 @@ def test_command_runs_the_grid_in_order_and_writes_the_page(tmp_path, fake_resul
         "embed": 5.0, "attn_q": 1.2, "mlp_up": 4.0}
     # Everything is cached now: a second invocation trains nothing.
     before = len(runs)
+    assert results.main(argv) == 0 and len(fake_results.runs) == before
+    # The ledger beside the page holds every run: without the cache (a new machine) the
+    # page comes out the same and nothing is trained again.
+    assert len(list((tmp_path / "results_runs").glob("*.json"))) == before
+    shutil.rmtree(tmp_path / "cache")
+    assert results.main(argv + ["--report-only"]) == 0 and page.read_text() == text
     assert results.main(argv) == 0 and len(fake_results.runs) == before
 
 

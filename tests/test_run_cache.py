@@ -113,6 +113,34 @@ def test_interrupted_run_is_not_done_and_its_time_adds_to_the_retry(tmp_path):
     assert record.status == "finished" and record.wall_seconds > first["wall_seconds"]
 
 
+def test_ledger_keeps_what_the_page_reads_and_a_fresh_cache_trains_nothing_it_has(tmp_path):
+    launcher = FakeLauncher([0, 3])
+    ledger = tmp_path / "ledger"
+    cache = RunCache(tmp_path / "a", launcher, ledger)
+    record = cache.run(cfg())
+    directory, _, _ = cache.paths(cfg())
+    with (directory / "metrics.jsonl").open("a") as f:   # a kind the ledger leaves out
+        f.write(json.dumps({"kind": "train", "step": 4, "loss": 2.5}) + "\n")
+    with pytest.raises(RunInterrupted):
+        cache.run(cfg(seed=1))
+    entries = sorted(p.name for p in ledger.iterdir())
+    assert entries == [run_cache.run_name(cfg()) + ".json"]   # not the interrupted run
+    text = (ledger / entries[0]).read_text()
+    assert len(text.splitlines()) == 2 + 2 + 1   # outcome, "records", 2 evals, the end
+    entry = json.loads(text)
+    assert [r["kind"] for r in entry["records"]] == ["eval", "eval"]
+    assert entry["outcome"]["status"] == "finished" and "returncode" not in entry["outcome"]
+
+    fresh = RunCache(tmp_path / "b", FakeLauncher([]), ledger)   # another machine
+    again = fresh.run(cfg(out_dir="elsewhere"))
+    assert fresh.launcher.calls == 0 and not (tmp_path / "b" / directory.name).exists()
+    assert (again.evals, again.status, again.config) == (record.evals, "finished",
+                                                         record.config)
+    assert (again.wall_seconds, again.cpu_seconds) == (record.wall_seconds, record.cpu_seconds)
+    assert again.records("eval") == record.records("eval") and again.records("train") == []
+    assert RunCache(tmp_path / "b", FakeLauncher([])).lookup(cfg()) is None   # no ledger
+
+
 def test_a_real_child_run_through_python_m_train(tmp_path):
     """The request file, the CLI and the metrics: a 4-step micro model in a child process."""
     corpus = tmp_path / "corpus.txt"

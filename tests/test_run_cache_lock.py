@@ -81,7 +81,8 @@ def test_the_training_child_inherits_the_lock(tmp_path, monkeypatch):
 
 def test_two_builders_share_the_grid_and_wait_for_each_other(tmp_path, monkeypatch, capsys):
     fake = FakeTrain()
-    monkeypatch.setattr(results, "RunCache", lambda root: RunCache(root, fake))
+    monkeypatch.setattr(results, "RunCache",
+                        lambda root, ledger=None: RunCache(root, fake, ledger))
     cache = RunCache(tmp_path / "cache", fake)
     g = results.Grid("tiny", cache, seeds=3)
     # Another builder is training uniform's first rung.

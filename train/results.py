@@ -11,6 +11,9 @@ stopped at any time and started again: it reads finished runs back, resumes an
 interrupted one from its checkpoint and only trains what is missing. Build the grid up
 with ``--cells`` and ``--max-runs``; ``--report-only`` rewrites the page from the cache
 without training; a ``--stop-file`` that appears stops it after the run in progress.
+The cache stays outside the checkout; what the page reads of each done run is also kept
+in a ledger beside the page (``docs/results_runs/``, ``train.run_ledger``), committed with
+it, so a fresh clone regenerates the page and resumes the grid without the cache.
 Start it more than once on the same cache (more cores, more machines on a shared disk) and
 the processes share the work: each trains the first missing run no other one is training.
 """
@@ -131,15 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs/results",
                    help="the run cache (keep it outside a git checkout)")
     p.add_argument("--report", default="docs/results.md", help="the page to write")
+    p.add_argument("--ledger", default=None, metavar="DIR",
+                   help="where the page's done runs are kept for git (train/run_ledger.py): "
+                        "read when the cache lacks a run, added to as runs finish (default: "
+                        "beside the page, docs/results.md -> docs/results_runs/)")
     p.add_argument("--report-only", action="store_true",
-                   help="train nothing: rewrite the page from the runs in the cache")
+                   help="train nothing: rewrite the page from the runs in the cache "
+                        "and the ledger")
     p.add_argument("--max-runs", type=int, default=None,
                    help="train at most this many runs in this invocation")
     p.add_argument("--stop-file", default=None,
                    help="stop launching runs once this file exists (the run in progress "
                         "finishes)")
-    p.add_argument("--list", action="store_true", help="print the cells and their state; "
-                                                       "train nothing, write nothing")
+    p.add_argument("--list", action="store_true",
+                   help="print the cells and their state; train nothing, write no page (done "
+                        "runs the cache has and the ledger lacks are copied into it)")
     return p
 
 
@@ -301,6 +310,11 @@ def build(g: Grid, cells: list[Cell], args: argparse.Namespace,
               f"(CPU {record.cpu_seconds / 60:.1f} min)", flush=True)
 
 
+def ledger_beside(report: Path) -> Path:
+    """The default ledger of a page: ``<page stem>_runs/`` in its folder."""
+    return report.with_name(f"{report.stem}_runs")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -312,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
             searched = multipliers_lib.load_multipliers_file(args.searched, "--searched")
         except ValueError as e:
             parser.error(str(e))
-    g = Grid(args.preset, RunCache(args.runs), args.seeds, args.page_cells, searched)
+    ledger = args.ledger or str(ledger_beside(Path(args.report)))
+    g = Grid(args.preset, RunCache(args.runs, ledger=ledger), args.seeds, args.page_cells,
+             searched)
     cells = _selected(g.cells, args.cells)
     for flag, chosen in (("--cells", cells), ("--page-cells", g.page_cells)):
         if not chosen:
@@ -343,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         item for flag, value in (("--preset", args.preset), ("--runs", args.runs),
                                  ("--report", args.report), ("--seeds", str(args.seeds)),
                                  ("--page-cells", args.page_cells),
+                                 ("--ledger", args.ledger),
                                  ("--searched", args.searched))
         if value is not None and value != str(getattr(defaults, flag[2:].replace("-", "_")))
         for item in (flag, value)]

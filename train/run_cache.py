@@ -10,6 +10,9 @@ configuration twice trains once. Layout under the cache root::
                             nothing but the trainer's own files)
     requests/<name>.json    the config handed to ``python -m train --config``
 
+Given a ledger (:mod:`train.run_ledger`, a folder meant for git), the cache copies every done
+run it looks up into it and reads from it the runs it lacks, so that its results outlive it.
+
 Each run is a child process (``python -m train --config ... --resume``), so a crash or a
 leak in one run cannot take the others with it, and an interrupted run continues from its
 last checkpoint when asked for again. Only finished and diverged runs count as done; a
@@ -43,6 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from train import run_ledger
 from train.config import METHOD_ONLY_FIELDS, TrainConfig
 from train.metrics_log import read_metrics
 
@@ -116,8 +120,9 @@ class RunRecord:
       evals: ``(step, tokens seen, validation loss)`` of every evaluation, in order.
       wall_seconds: The child process's wall time (start-up and compiling included).
       cpu_seconds: Its user + system CPU time.
-      directory: The run directory (``metrics.jsonl`` for the factor records).
+      directory: The run directory in the cache (absent if the run came from the ledger).
       device: What it ran on (e.g. ``"cpu x 2 cores"``, ``"gpu NVIDIA H200"``).
+      metrics: Its ``metrics.jsonl`` records (the ledger keeps the kinds the page reads).
     """
 
     config: dict[str, Any]
@@ -127,6 +132,7 @@ class RunRecord:
     cpu_seconds: float
     directory: Path
     device: str = ""
+    metrics: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def final_loss(self) -> float | None:
@@ -138,7 +144,7 @@ class RunRecord:
 
     def records(self, kind: str) -> list[dict]:
         """The run's ``metrics.jsonl`` records of one kind (e.g. ``"scale"``)."""
-        return [r for r in read_metrics(self.directory / "metrics.jsonl") if r["kind"] == kind]
+        return [r for r in self.metrics if r["kind"] == kind]
 
 
 def tokens_per_step(config: dict[str, Any]) -> int:
@@ -197,11 +203,16 @@ class RunCache:
       root: The cache directory (keep it outside a git checkout: every run keeps its
         metrics and its checkpoints there, ~7 MB per checkpoint of a ``tiny`` run).
       launcher: ``(request file, log file) -> exit status`` (tests pass a fake one).
+      ledger: A :mod:`train.run_ledger` folder, or ``None``. Every done run the cache
+        looks up is copied into it, and a run the cache lacks is read from it (a done run
+        there is never trained again).
     """
 
-    def __init__(self, root: str | os.PathLike, launcher: Launcher = subprocess_launcher):
+    def __init__(self, root: str | os.PathLike, launcher: Launcher = subprocess_launcher,
+                 ledger: str | os.PathLike | None = None):
         self.root = Path(root)
         self.launcher = launcher
+        self.ledger = None if ledger is None else Path(ledger)
 
     def paths(self, cfg: TrainConfig) -> tuple[Path, Path, Path]:
         """``(run directory, outcome file, request file)`` of ``cfg``."""
@@ -209,20 +220,25 @@ class RunCache:
         return self.root / name, self.root / f"{name}.json", self.root / "requests" / f"{name}.json"
 
     def lookup(self, cfg: TrainConfig) -> RunRecord | None:
-        """The done run of ``cfg``, or ``None`` if it was never run or did not finish."""
+        """The done run of ``cfg`` (from the cache, else the ledger), or ``None`` if it was
+        never run or did not finish."""
         directory, outcome, _ = self.paths(cfg)
-        if not outcome.is_file():
-            return None
-        info = json.loads(outcome.read_text(encoding="utf-8"))
-        if info.get("status") not in (FINISHED, DIVERGED):
+        name = directory.name
+        info = json.loads(outcome.read_text(encoding="utf-8")) if outcome.is_file() else {}
+        if info.get("status") in (FINISHED, DIVERGED):
+            metrics = read_metrics(directory / "metrics.jsonl")
+            if self.ledger is not None:
+                run_ledger.keep(self.ledger, name, info, metrics)
+        elif self.ledger is not None and (kept := run_ledger.read(self.ledger, name)):
+            info, metrics = kept
+        else:
             return None
         per_step = tokens_per_step(info["config"])
         evals = [(int(r["step"]), int(r["step"]) * per_step, float(r["val_loss"]))
-                 for r in read_metrics(directory / "metrics.jsonl")
-                 if r["kind"] == "eval" and r.get("val_loss") is not None]
+                 for r in metrics if r["kind"] == "eval" and r.get("val_loss") is not None]
         return RunRecord(config=info["config"], status=info["status"], evals=evals,
                          wall_seconds=info["wall_seconds"], cpu_seconds=info["cpu_seconds"],
-                         directory=directory, device=info.get("device", ""))
+                         directory=directory, device=info.get("device", ""), metrics=metrics)
 
     def lock_path(self, cfg: TrainConfig) -> Path:
         """The file a process training ``cfg`` holds locked."""
