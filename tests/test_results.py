@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from train import grid, llr_factors, report, results, results_page
+from train import grid, llr_factors, report, results, results_page, results_setup
 from train.grid import Cell
 from train.run_cache import RunCache, RunRecord
 
@@ -382,3 +382,16 @@ def test_list_into_a_pipe_that_closes_early_is_quiet(tmp_path):
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_llr_intro_averages_the_step_0_alphas_and_says_which_way_they_point(tmp_path):
+    g = results.Grid("tiny", RunCache(tmp_path), seeds=3)
+    boosts = results_setup.llr_intro(g, [{"mlp_up": 3.0, "attn_q": 2.0, "embed": 9.0},
+                                         {"mlp_down": 3.3, "attn_o": 2.3}])
+    assert ("(128 x 352) have a mean alpha of 3.15 and the square attention q/o ones "
+            "(128 x 128) 2.15, from their aspect ratio alone, so the first assignment boosts "
+            "the MLP matrices.") in boosts
+    flat = results_setup.llr_intro(g, [{"mlp_gate": 2.0, "attn_q": 2.5}])
+    assert "mean alpha of 2.00" in flat and flat.endswith("yet the first assignment does "
+                                                          "not favour them.")
+    assert results_setup.llr_intro(g, [{"mlp_up": 3.0}]) == ""   # nothing to compare with
