@@ -195,7 +195,7 @@ def test_command_runs_the_grid_in_order_and_writes_the_page(tmp_path, fake_resul
     assert results.main(argv) == 0 and len(fake_results.runs) == before
     # The ledger beside the page holds every run: without the cache (a new machine) the
     # page comes out the same and nothing is trained again.
-    assert len(list((tmp_path / "results_runs").glob("*.json"))) == before
+    assert len(list((tmp_path / "results_runs").glob("*.json.gz"))) == before
     shutil.rmtree(tmp_path / "cache")
     assert results.main(argv + ["--report-only"]) == 0 and page.read_text() == text
     assert results.main(argv) == 0 and len(fake_results.runs) == before

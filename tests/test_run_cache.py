@@ -1,5 +1,6 @@
 """train.run_cache: runs keyed by configuration, outcomes, resumption; one real child run."""
 
+import gzip
 import hashlib
 import json
 import math
@@ -124,8 +125,8 @@ def test_ledger_keeps_what_the_page_reads_and_a_fresh_cache_trains_nothing_it_ha
     with pytest.raises(RunInterrupted):
         cache.run(cfg(seed=1))
     entries = sorted(p.name for p in ledger.iterdir())
-    assert entries == [run_cache.run_name(cfg()) + ".json"]   # not the interrupted run
-    text = (ledger / entries[0]).read_text()
+    assert entries == [run_cache.run_name(cfg()) + ".json.gz"]   # not the interrupted run
+    text = gzip.decompress((ledger / entries[0]).read_bytes()).decode()
     assert len(text.splitlines()) == 2 + 2 + 1   # outcome, "records", 2 evals, the end
     entry = json.loads(text)
     assert [r["kind"] for r in entry["records"]] == ["eval", "eval"]

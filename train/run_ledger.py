@@ -5,18 +5,21 @@ A run cache (:mod:`train.run_cache`) keeps each run's checkpoints and full logs,
 several sittings could then no longer be regenerated, nor its grid resumed, without
 training every run again (this happened once, to 74 runs). The ledger keeps, per done
 run, only what the page reads: the outcome (config, status, wall and CPU seconds, device)
-and the run's evaluation, alpha and scale records (not its per-step training losses),
-~20-60 kB of JSON, small enough to commit. With it, a fresh clone regenerates the page and
-a grid resumed on another machine trains only what the ledger lacks.
+and the run's evaluation, alpha and scale records (not its per-step training losses):
+a few kB for a uniform run, ~70 kB for an alpha_hill one (1 MB before compression: a scale
+record per step of each ramp, every one of which the page's mean factors weigh), small
+enough to commit. With it, a fresh clone regenerates the page and a grid resumed on
+another machine trains only what the ledger lacks.
 
-Layout: ``<ledger>/<run name>.json`` (:func:`train.run_cache.run_name`), one JSON object
-``{"outcome": {...}, "records": [...]}`` written with one record per line, so that a diff
-shows which runs were added. Only finished and diverged runs are kept; an entry is written
-once and never changed (the same config always names the same numbers).
+Layout: ``<ledger>/<run name>.json.gz`` (:func:`train.run_cache.run_name`), one gzipped
+JSON object ``{"outcome": {...}, "records": [...]}`` with one record per line (``zcat`` it
+to read). Only finished and diverged runs are kept; an entry is written once and never
+changed (the same config always names the same numbers).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from pathlib import Path
@@ -29,7 +32,7 @@ _OUTCOME_FIELDS = ("config", "status", "wall_seconds", "cpu_seconds", "finished_
 
 
 def entry_path(ledger: str | os.PathLike, name: str) -> Path:
-    return Path(ledger) / f"{name}.json"
+    return Path(ledger) / f"{name}.json.gz"
 
 
 def read(ledger: str | os.PathLike, name: str) -> tuple[dict[str, Any], list[dict]] | None:
@@ -37,7 +40,7 @@ def read(ledger: str | os.PathLike, name: str) -> tuple[dict[str, Any], list[dic
     path = entry_path(ledger, name)
     if not path.is_file():
         return None
-    entry = json.loads(path.read_text(encoding="utf-8"))
+    entry = json.loads(gzip.decompress(path.read_bytes()).decode("utf-8"))
     return entry["outcome"], entry["records"]
 
 
@@ -46,7 +49,8 @@ def keep(ledger: str | os.PathLike, name: str, outcome: dict[str, Any],
     """Writes the run's entry unless the ledger has it; returns whether it wrote one.
 
     The file appears whole or not at all (written beside it, then renamed), so a reader
-    never sees half an entry, and two processes keeping the same run write the same bytes.
+    never sees half an entry; it holds no time stamp, so two processes keeping the same run
+    write the same bytes.
     """
     path = entry_path(ledger, name)
     if path.is_file():
@@ -58,6 +62,6 @@ def keep(ledger: str | os.PathLike, name: str, outcome: dict[str, Any],
     text = ('{"outcome": ' + json.dumps(kept, sort_keys=True, allow_nan=False)
             + ',\n "records": [\n  ' + ",\n  ".join(lines) + "\n]}\n")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
     tmp.replace(path)
     return True
