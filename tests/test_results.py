@@ -213,6 +213,23 @@ def test_stop_file_and_max_runs_stop_between_runs(tmp_path, fake_results):
     assert "LR grid 2/5 run" in (tmp_path / "r.md").read_text()
 
 
+def test_no_ledger_keeps_none_and_an_empty_ledger_is_an_error(tmp_path, fake_results, capsys):
+    page = tmp_path / "r.md"
+    argv = ["--runs", str(tmp_path / "cache"), "--report", str(page),
+            "--cells", "adamw/uniform", "--max-runs", "1"]
+    assert results.main(argv + ["--no-ledger"]) == 0 and len(fake_results.runs) == 1
+    assert not (tmp_path / "r_runs").exists()
+    text = page.read_text()
+    assert "--no-ledger`: it trains only what the run cache lacks;" in text
+    assert "ledger `" not in text
+    with pytest.raises(SystemExit):
+        results.main(argv + ["--ledger", ""])
+    assert "--ledger needs a folder (use --no-ledger to keep none)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        results.main(argv + ["--no-ledger", "--ledger", str(tmp_path / "l")])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_a_waiting_cell_is_announced_again_when_it_completes(capsys):
     # Another worker trains alpha_hill's last seed (busy) while the ablation waits for it;
     # each state of each cell is said once, the ablation's completion included.

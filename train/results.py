@@ -134,10 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs/results",
                    help="the run cache (keep it outside a git checkout)")
     p.add_argument("--report", default="docs/results.md", help="the page to write")
-    p.add_argument("--ledger", default=None, metavar="DIR",
-                   help="where the page's done runs are kept for git (train/run_ledger.py): "
-                        "read when the cache lacks a run, added to as runs finish (default: "
-                        "beside the page, docs/results.md -> docs/results_runs/)")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--ledger", default=None, metavar="DIR",
+                      help="where the page's done runs are kept for git (train/run_ledger.py): "
+                           "read when the cache lacks a run, added to as runs finish (default: "
+                           "beside the page, docs/results.md -> docs/results_runs/)")
+    keep.add_argument("--no-ledger", action="store_true",
+                      help="keep no ledger: the page can be regenerated only where its run "
+                           "cache is")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rewrite the page from the runs in the cache "
                         "and the ledger")
@@ -326,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
             searched = multipliers_lib.load_multipliers_file(args.searched, "--searched")
         except ValueError as e:
             parser.error(str(e))
-    ledger = args.ledger or str(ledger_beside(Path(args.report)))
+    if args.ledger == "":
+        parser.error("--ledger needs a folder (use --no-ledger to keep none)")
+    ledger = None if args.no_ledger else args.ledger or str(ledger_beside(Path(args.report)))
     g = Grid(args.preset, RunCache(args.runs, ledger=ledger), args.seeds, args.page_cells,
              searched)
     cells = _selected(g.cells, args.cells)
@@ -362,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                                  ("--ledger", args.ledger),
                                  ("--searched", args.searched))
         if value is not None and value != str(getattr(defaults, flag[2:].replace("-", "_")))
-        for item in (flag, value)]
+        for item in (flag, value)] + (["--no-ledger"] if args.no_ledger else [])
     results_page.write(g, Path(args.report), shlex.join(command), time.strftime("%Y-%m-%d"))
     return 0
 
