@@ -33,6 +33,8 @@ import os
 import sys
 import time
 
+import openblas_threads  # benchmarks/openblas_threads.py, beside this script
+
 _OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
@@ -44,26 +46,14 @@ def _parse():
   p.add_argument("--keep-openblas-env", action="store_true")
   p.add_argument("--explore", action="store_true",
                  help="also time other estimators (not part of the targets)")
-  p.add_argument("--openblas-threads", default="both", choices=("env", "1", "both"),
+  p.add_argument("--openblas-threads", default="both", choices=openblas_threads.CHOICES,
                  help="OPENBLAS_NUM_THREADS for the run: as in the environment, 1, or both "
                       "(two runs, each in a fresh process; OpenBLAS reads it when loaded)")
   return p.parse_args()
 
 
 ARGS = _parse()
-if ARGS.openblas_threads == "both":
-  import subprocess
-  for threads in ("env", "1"):
-    argv, skip = [], False
-    for a in sys.argv[1:]:  # drop any --openblas-threads [=]X of our own command line
-      if not skip and not a.startswith("--openblas-threads"):
-        argv.append(a)
-      skip = a == "--openblas-threads"
-    subprocess.run([sys.executable, os.path.abspath(__file__), *argv,
-                    "--openblas-threads", threads], check=True)
-  sys.exit(0)
-if ARGS.openblas_threads == "1":
-  os.environ["OPENBLAS_NUM_THREADS"] = "1"
+openblas_threads.apply(ARGS.openblas_threads, __file__)  # before NumPy/jaxlib load it
 REMOVED = {}
 if not ARGS.keep_openblas_env:  # before numpy/scipy/jax load OpenBLAS
   REMOVED = {k: os.environ.pop(k) for k in _OPENBLAS_VARS if k in os.environ}

@@ -62,6 +62,8 @@ import os
 import sys
 import time
 
+import openblas_threads  # benchmarks/openblas_threads.py, beside this script
+
 METHODS = ("uniform", "alpha_hill", "init_grad", "relative", "tempbalance")
 ALPHA_METHODS = ("alpha_hill", "tempbalance")
 CONTROL = "uniform A/A control"
@@ -94,7 +96,7 @@ def _parse():
   p.add_argument("--no-control", dest="control", action="store_false",
                  help="leave out the A/A control (a second uniform variant timed like the "
                       "others: its ratio shows the noise of this machine)")
-  p.add_argument("--openblas-threads", default="env", choices=("env", "1", "both"),
+  p.add_argument("--openblas-threads", default="env", choices=openblas_threads.CHOICES,
                  help="OPENBLAS_NUM_THREADS for the run: as in the environment (what the "
                       "trainer gets), 1, or both (two runs, each in a fresh process). It sets "
                       "the threads of the LAPACK kernels the alpha recompute calls on CPU")
@@ -117,19 +119,7 @@ def _preset_int(p, text):
 
 
 ARGS = _parse()
-if ARGS.openblas_threads == "both":
-  import subprocess
-  for threads in ("env", "1"):
-    argv, skip = [], False
-    for a in sys.argv[1:]:  # drop any --openblas-threads [=]X of our own command line
-      if not skip and not a.startswith("--openblas-threads"):
-        argv.append(a)
-      skip = a == "--openblas-threads"
-    subprocess.run([sys.executable, os.path.abspath(__file__), *argv,
-                    "--openblas-threads", threads], check=True)
-  sys.exit(0)
-if ARGS.openblas_threads == "1":  # before jaxlib/scipy load OpenBLAS
-  os.environ["OPENBLAS_NUM_THREADS"] = "1"
+openblas_threads.apply(ARGS.openblas_threads, __file__)  # before NumPy/jaxlib load it
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
