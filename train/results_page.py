@@ -84,15 +84,17 @@ def write(g: Grid, path: Path, command: str, date: str) -> None:
     cpu_hours = sum(rec.cpu_seconds for rec in records) / 3600
     wall_hours = sum(rec.wall_seconds for rec in records) / 3600
     complete = [r for r in results if r.plan.complete]
-    sources = ("the run cache lacks" if g.cache.ledger is None else
-               f"the run cache and the ledger `{g.cache.ledger}/` (its runs, in git) lack")
+    if g.cache.ledger is None:
+        sources, them = "the run cache lacks", "it"
+    else:
+        sources = f"the run cache and the ledger `{g.cache.ledger}/` (its runs, in git) lack"
+        them = "them"
     missing = report.missing_lines([r.plan for r in results])
 
     text = [f"# Results: each method at its own best LR (preset `{g.preset}`, "
             f"{g.base['steps']} steps)", "",
             f"Regenerate with `{command}`: it trains only what {sources}"
-            f"; add `--report-only` to rewrite this page from "
-            f"{'it' if g.cache.ledger is None else 'them'} without training. "
+            f"; add `--report-only` to rewrite this page from {them} without training. "
             "Every number and figure below comes from that command; none is edited by hand.",
             "",
             f"**State ({date}):** {len(complete)} of {len(results)} cells complete, "
