@@ -99,3 +99,13 @@ def test_fallback_corpus_without_gensim(monkeypatch):
     assert "pydoc" in corpus.name
     assert len(corpus.documents) > 50
     assert all(d.strip() for d in corpus.documents)
+
+
+def test_results_pages_state_the_default_corpus_size_it_has():
+    """The results pages' passes-over-the-corpus figure uses this count."""
+    from train.data import DataConfig, build_data  # pylint: disable=import-outside-toplevel
+    from train.results_setup import DEFAULT_TRAIN_TOKENS  # pylint: disable=import-outside-toplevel
+
+    if default_corpus.find_enwiki_sample() is None:
+        pytest.skip("gensim is not installed: the default corpus is the pydoc fallback")
+    assert build_data(DataConfig()).num_train_tokens == DEFAULT_TRAIN_TOKENS

@@ -412,3 +412,24 @@ def test_llr_intro_averages_the_step_0_alphas_and_says_which_way_they_point(tmp_
     assert "mean alpha of 2.00" in flat and flat.endswith("yet the first assignment does "
                                                           "not favour them.")
     assert results_setup.llr_intro(g, [{"mlp_up": 3.0}]) == ""   # nothing to compare with
+
+
+def test_gpu_note_links_the_accelerator_pages_that_exist(tmp_path):
+    page = tmp_path / "results.md"
+    assert "`20m`: not run yet; `60m`: not run yet." in results_page.gpu_note(page, "tiny")
+    (tmp_path / "results_20m.md").write_text("x")
+    note = results_page.gpu_note(page, "tiny")
+    assert "`20m`: [results_20m.md](results_20m.md); `60m`: not run yet." in note
+    # On a GPU page itself: no link to itself.
+    assert "`20m`: this page; `60m`: not run yet." in results_page.gpu_note(
+        tmp_path / "results_20m.md", "20m")
+
+
+def test_budget_left_is_in_minutes_when_short_and_hours_when_long():
+    plans = [SimpleNamespace(runs_left=4), SimpleNamespace(runs_left=5)]   # 9 runs left
+    short = [SimpleNamespace(cpu_seconds=s) for s in (30.0, 60.0, 600.0)]   # median 1 min
+    assert ("at least 9 runs, about 9 CPU-min at the median 1.0 CPU-min of a run so far"
+            in results_page.budget_left(plans, short))
+    long = [SimpleNamespace(cpu_seconds=1200.0)] * 3   # 20 min: 9 x 20 = 3 h
+    assert "about 3 CPU-hours at the median 20.0 CPU-min" in results_page.budget_left(plans, long)
+    assert results_page.budget_left([SimpleNamespace(runs_left=0)], short) == ""

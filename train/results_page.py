@@ -21,12 +21,24 @@ if TYPE_CHECKING:
 
 KEEP_MARKER = "<!-- Sections below this line are kept when python -m train.results rewrites the page. -->"
 
-GPU_NOTE = """\
-`benchmarks/gpu_evidence.sh` runs uniform, alpha_hill and relative (AdamW) on the `20m` and
-`60m` presets through this same command (LR grid, 3 seeds, tokens-to-target), each into its own
-page (`docs/results_20m.md`, `docs/results_60m.md`). No accelerator was available where this
-page was produced, so those pages do not exist yet; when they do, they name the device they
-ran on."""
+GPU_PRESETS = ("20m", "60m")
+
+
+def gpu_note(path: Path, preset: str) -> str:
+    """Where the accelerator pages are: those beside ``path`` that exist, linked."""
+    pages = []
+    for gpu_preset in GPU_PRESETS:
+        name = f"results_{gpu_preset}.md"
+        if gpu_preset == preset:
+            pages.append(f"`{gpu_preset}`: this page")
+        elif (path.parent / name).exists():
+            pages.append(f"`{gpu_preset}`: [{name}]({name})")
+        else:
+            pages.append(f"`{gpu_preset}`: not run yet")
+    return ("`benchmarks/gpu_evidence.sh` runs uniform, alpha_hill and relative (AdamW) on the "
+            "`20m` and `60m` presets through this same command (LR grid, 3 seeds, "
+            "tokens-to-target) on one accelerator, each into its own page, which names the "
+            "device its runs ran on: " + "; ".join(pages) + ".")
 
 
 def ablation_factors(runs, cfg) -> dict[str, float]:
@@ -67,8 +79,10 @@ def budget_left(plans: list, records: list) -> str:
     if records:
         # The median: a run whose first attempt died with its parent records only the rest.
         per_run = float(np.median([rec.cpu_seconds for rec in records])) / 60
-        line += (f", about {left * per_run / 60:.0f} CPU-hours at the median "
-                 f"{per_run:.0f} CPU-min of a run so far")
+        total = (f"{left * per_run / 60:.0f} CPU-hours" if left * per_run >= 90
+                 else f"{left * per_run:.0f} CPU-min")
+        line += (f", about {total} at the median {per_run:.1f} CPU-min of a run "
+                 "so far")
     return line + " (more if a ladder must be extended)."
 
 
@@ -138,7 +152,7 @@ def write(g: Grid, path: Path, command: str, date: str) -> None:
         if fig is not None:
             text += [f"![{key}]({fig.name})", ""]
     text += _llr_section(g, results, stem)
-    text += ["## On a GPU", "", GPU_NOTE, ""]
+    text += ["## On a GPU", "", gpu_note(path, g.preset), ""]
     kept = []
     if path.exists():
         old = path.read_text(encoding="utf-8")

@@ -67,6 +67,8 @@ def plot_sweeps(groups: Mapping[str, Sequence[CellResult]], path: str | Path) ->
     groups = {k: v for k, v in groups.items() if v}
     if not groups:
         return None
+    from matplotlib.ticker import NullFormatter  # pylint: disable=import-outside-toplevel
+
     plt, fig, axes = _panels(len(groups))
     for ax, (title, results) in zip(axes, groups.items()):
         finite_all = [l for r in results for _, l in r.plan.ladder
@@ -85,6 +87,10 @@ def plot_sweeps(groups: Mapping[str, Sequence[CellResult]], path: str | Path) ->
                         color=line.get_color())
         ax.set(xscale="log", title=f"{title}: LR sweep (seed 0; * best, x diverged)",
                xlabel="peak learning rate", ylabel="final validation loss")
+        # Ticks at the LRs that were run: the log axis' own minor labels collide within a decade.
+        tried = sorted({lr for r in results for lr, l in r.plan.ladder if l is not None})
+        ax.set_xticks(tried, [f"{lr:.3g}" for lr in tried], rotation=45, fontsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         if finite_all:
             ax.set_ylim(min(finite_all) - 0.02, min(top + 0.02, min(finite_all) + 0.6))
         ax.grid(alpha=0.3)

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 _FAMILY_NAMES = {"llama": "LLaMa", "moe": "MoE LLaMa", "gpt2": "GPT-2"}
 _OPTIMIZER_NAMES = {"adamw": "AdamW", "muon": "Muon", "lion": "Lion", "sgd": "SGD"}
 _OWN_OPTIMIZERS = {"lars": "LARS", "lamb": "LAMB"}   # methods that are their own optimizer
+# The default corpus' training split in byte tokens (what `python -m train` prints for it).
+DEFAULT_TRAIN_TOKENS = 2_724_002
 
 
 def _model(g: Grid):
@@ -41,9 +43,11 @@ def setup_lines(g: Grid) -> list[str]:
     subset = (cfg.eval_batches or 0) * (cfg.val_batch_size or cfg.batch_size) * cfg.seq_len
     return [
         f"- **Scale.** The `{cfg.preset}` {_FAMILY_NAMES[g.family]} ({size}), byte-level "
-        f"tokens, the default corpus (an English Wikipedia sample, 2.7 M training tokens), "
+        f"tokens, the default corpus (an English Wikipedia sample, "
+        f"{DEFAULT_TRAIN_TOKENS / 1e6:.1f} M training tokens), "
         f"{cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens = "
-        f"{tokens / 1e6:.1f} M tokens per run. The papers train 60 M-1 B parameters on "
+        f"{tokens / 1e6:.1f} M tokens per run ({tokens / DEFAULT_TRAIN_TOKENS:.1f} passes "
+        "over the training split). The papers train 60 M-1 B parameters on "
         "billions of tokens: read the gaps as what happens at this scale only.",
         f"- **Validation.** Every {cfg.eval_every} steps ({cfg.steps // cfg.eval_every} "
         f"evaluations per run) on a fixed subset, the first {cfg.eval_batches} batches of "

@@ -1,0 +1,24 @@
+"""benchmarks/gpu_evidence.sh: its shell parses, and without an accelerator it stops at once
+with a one-line reason instead of starting hours of CPU training."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_evidence.sh"
+
+
+def test_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_without_an_accelerator_it_refuses_before_training(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, PRESETS="20m")
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "runs")], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode != 0
+    assert "no accelerator found" in done.stderr
+    assert not (tmp_path / "runs").exists()   # no run cache: nothing was started
