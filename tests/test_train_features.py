@@ -105,9 +105,15 @@ def test_accumulated_run_matches_the_larger_batch(corpus, tmp_path):
             assert (v is None) == (a["alpha"][k] is None)
             if v is not None:
                 assert a["alpha"][k] == pytest.approx(v, rel=1e-4), k
+    # Adam divides by sqrt(v): a weight whose gradient is rounding noise can move by up to
+    # ~lr (1e-2) either way, so rounding alone moves a rare element further than the rest
+    # (one of 2048 by 6.4e-5 on jax 0.11.2; none past 2e-5 on 0.10.2). A wrong average of
+    # the micro-batches would move most elements by ~lr.
     for a, b in zip(jax.tree.leaves(_saved_params(tmp_path / "acc")),
                     jax.tree.leaves(_saved_params(tmp_path / "big"))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-4)
+        assert np.mean(np.abs(a - b) > 2e-5) < 0.01
     # A larger batch per update: half the updates of the same tokens would differ.
     assert acc["train"][-1]["loss"] < acc["train"][0]["loss"]
 
