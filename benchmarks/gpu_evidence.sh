@@ -16,7 +16,7 @@
 #   memory at start-up on an H200; the failed runs were retried by the other workers).
 # CELLS: the cells to train (default the three above); PAGE_CELLS: those the page shows
 #   (default CELLS), e.g. CELLS='muon/uniform,muon/alpha_hill' PAGE_CELLS='adamw/*,muon/*'.
-# DEADLINE: seconds after which no new run starts; GRACE seconds later (default 90) the runs
+# DEADLINE: seconds (from the script's start) after which no new run starts; GRACE seconds later (default 90) the runs
 #   still training are stopped with SIGTERM (each saves a checkpoint and is resumed by the
 #   next invocation that has the same run cache). The page is then written from what is done.
 #
@@ -36,6 +36,14 @@ DEADLINE=${DEADLINE:-}
 GRACE=${GRACE:-90}
 CELLS=${CELLS:-adamw/uniform,adamw/alpha_hill,adamw/relative}
 PAGE_CELLS=${PAGE_CELLS:-$CELLS}
+# Checked here: bash arithmetic would read a word such as WORKERS=six as 0, silently.
+for var in WORKERS DEADLINE GRACE; do
+  value=${!var}
+  if [[ -n "$value" && ! "$value" =~ ^[0-9]+$ ]]; then
+    echo "gpu_evidence.sh: $var must be a whole number, got '$value'" >&2; exit 2
+  fi
+done
+if [[ "$WORKERS" -lt 1 ]]; then echo "gpu_evidence.sh: WORKERS must be >= 1" >&2; exit 2; fi
 
 "$PYTHON" - <<'PY'
 import sys
@@ -50,7 +58,7 @@ PY
 if [[ "$WORKERS" -gt 1 && -z "${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" ]]; then
   # Each process would otherwise take 75% of the device's memory at its first allocation.
   export XLA_PYTHON_CLIENT_MEM_FRACTION
-  XLA_PYTHON_CLIENT_MEM_FRACTION=$("$PYTHON" -c "print(round(0.75 / $WORKERS, 3))")
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$(awk "BEGIN { printf \"%.3f\", 0.75 / $WORKERS }")
 fi
 
 for preset in $PRESETS; do

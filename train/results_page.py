@@ -35,10 +35,11 @@ def gpu_note(path: Path, preset: str) -> str:
             pages.append(f"`{gpu_preset}`: [{name}]({name})")
         else:
             pages.append(f"`{gpu_preset}`: not run yet")
-    return ("`benchmarks/gpu_evidence.sh` runs uniform, alpha_hill and relative (AdamW) on the "
-            "`20m` and `60m` presets through this same command (LR grid, 3 seeds, "
-            "tokens-to-target) on one accelerator, each into its own page, which names the "
-            "device its runs ran on: " + "; ".join(pages) + ".")
+    presets = " and ".join(f"`{p}`" for p in GPU_PRESETS)
+    return ("`benchmarks/gpu_evidence.sh` runs uniform, alpha_hill and relative (AdamW; other "
+            f"cells with `CELLS=`) on the {presets} presets through this same command (LR "
+            "grid, 3 seeds, tokens-to-target) on one accelerator, each into its own page, "
+            "which names the device its runs ran on: " + "; ".join(pages) + ".")
 
 
 def ablation_factors(runs, cfg) -> dict[str, float]:
