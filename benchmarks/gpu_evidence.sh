@@ -16,15 +16,17 @@
 #   memory at start-up on an H200; the failed runs were retried by the other workers).
 # CELLS: the cells to train (default the three above); PAGE_CELLS: those the page shows
 #   (default CELLS), e.g. CELLS='muon/uniform,muon/alpha_hill' PAGE_CELLS='adamw/*,muon/*'.
-# DEADLINE: seconds (from the script's start) after which no new run starts; GRACE seconds later (default 90) the runs
-#   still training are stopped with SIGTERM (each saves a checkpoint and is resumed by the
-#   next invocation that has the same run cache). The page is then written from what is done.
+# DEADLINE: seconds (from the script's start) after which no new run starts; GRACE seconds
+#   later (default 90) the runs still training are stopped with SIGTERM (each saves a
+#   checkpoint and is resumed by the next invocation that has the same run cache). The page
+#   is then written from what is done.
 #
 # Cached and resumable like the CPU grid: run it again after an interruption and it trains
 # only what is missing; the ledger (in git) also keeps the done runs for a machine without
 # the cache. Measured on one H200 (2026-11-30): the 21 runs of the three 20m cells took
-# 4.8 min with WORKERS=6 for the whole command (a run 0.3-1.4 min, the first ones compiling side by side); a 60m
-# run is ~80x a 20m run's compute (5x the steps, 2x the batch, ~8x the FLOPs per token).
+# 4.8 min with WORKERS=6 for the whole command (a run 0.3-1.4 min, the first ones compiling
+# side by side); a 60m run is ~80x a 20m run's compute (5x the steps, 2x the batch, ~8x the
+# FLOPs per token).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/gpu_evidence}
@@ -37,7 +39,7 @@ GRACE=${GRACE:-90}
 CELLS=${CELLS:-adamw/uniform,adamw/alpha_hill,adamw/relative}
 PAGE_CELLS=${PAGE_CELLS:-$CELLS}
 # Checked here: bash arithmetic would read a word such as WORKERS=six as 0, silently.
-for var in WORKERS DEADLINE GRACE; do
+for var in WORKERS SEEDS DEADLINE GRACE; do
   value=${!var}
   if [[ -n "$value" && ! "$value" =~ ^[0-9]+$ ]]; then
     echo "gpu_evidence.sh: $var must be a whole number, got '$value'" >&2; exit 2

@@ -27,6 +27,7 @@ def test_without_an_accelerator_it_refuses_before_training(tmp_path):
 def test_a_bad_number_is_a_one_line_error_before_anything_runs(tmp_path):
     for var, value, said in (("WORKERS", "six", "WORKERS must be a whole number, got 'six'"),
                              ("WORKERS", "0", "WORKERS must be >= 1"),
+                             ("SEEDS", "three", "SEEDS must be a whole number"),
                              ("DEADLINE", "4.5", "DEADLINE must be a whole number"),
                              ("GRACE", "-1", "GRACE must be a whole number")):
         # PYTHON points nowhere: the check must come before any Python is started.

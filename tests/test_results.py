@@ -417,6 +417,7 @@ def test_llr_intro_averages_the_step_0_alphas_and_says_which_way_they_point(tmp_
 def test_gpu_note_links_the_accelerator_pages_that_exist(tmp_path):
     page = tmp_path / "results.md"
     assert "`20m`: not run yet; `60m`: not run yet." in results_page.gpu_note(page, "tiny")
+    assert "on the `20m` and `60m` presets" in results_page.gpu_note(page, "tiny")
     (tmp_path / "results_20m.md").write_text("x")
     note = results_page.gpu_note(page, "tiny")
     assert "`20m`: [results_20m.md](results_20m.md); `60m`: not run yet." in note

@@ -19,7 +19,8 @@ from train import evidence, llr_factors, report, results_plots, results_setup
 if TYPE_CHECKING:
     from train.results import Grid
 
-KEEP_MARKER = "<!-- Sections below this line are kept when python -m train.results rewrites the page. -->"
+KEEP_MARKER = (
+    "<!-- Sections below this line are kept when python -m train.results rewrites the page. -->")
 
 GPU_PRESETS = ("20m", "60m")
 
