@@ -186,6 +186,7 @@ def test_api_doc_matches_the_code():
   assert not problems, "docs/api.md is out of date:\n" + "\n".join(problems)
 
 
+@pytest.mark.slow
 def test_api_doc_examples_run():
   text = API_MD.read_text(encoding="utf-8")
   parser = doctest.DocTestParser()

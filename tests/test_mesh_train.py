@@ -3,8 +3,10 @@
 The 8-device checks run `tests/_mesh_train_check.py` in ONE child process with 8 simulated CPU
 devices (`XLA_FLAGS` must be set before jax is imported, so this process is left alone) and
 assert on its JSON report; the child trains the tiny and moe-tiny presets (one block) for 2
-steps on one device and on meshes (see its docstring for the runs). Under pytest-xdist the child still runs
-once: the first worker to need the report produces it, the others wait for its file.
+steps on one device and on meshes (see its docstring for the runs). Under pytest-xdist the
+child still runs once: conftest.py sends this whole module to one worker, so the other goes on
+with other tests (under another `--dist` mode than the default, the first worker to need the
+report produces it and the others wait for its file).
 
 Tolerances. The mesh step computes the same math with other reduction orders (sharded matmuls,
 the gradient all-reduce) and the model is initialised by one jitted call instead of op by op,

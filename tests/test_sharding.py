@@ -2,7 +2,8 @@
 
 The multi-device checks run `tests/_sharded_check.py` in a child process with 8 simulated CPU
 devices (`XLA_FLAGS` must be set before jax is imported, so this process is left alone) and
-assert on its JSON report. The single-device fallbacks are checked here directly.
+assert on its JSON report. The single-device fallbacks are checked here directly. Under
+pytest-xdist, conftest.py sends this whole module to one worker, which runs the child once.
 """
 
 from __future__ import annotations

@@ -230,6 +230,7 @@ def test_short_run_lowers_the_loss(corpus, tmp_path):
     assert final["val_ppl"] == pytest.approx(math.exp(final["val_loss"]))
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_uninterrupted_trajectory(corpus, tmp_path):
     # alpha_hill has the most optimizer state (counts, ramps, alphas) to carry over.
     cfg = micro(corpus, tmp_path, method="alpha_hill", steps=8, checkpoint_every=2,

@@ -72,6 +72,7 @@ def numpy_cross_entropy(logits, targets) -> float:
 # ---------------------------------------------------------------- MoE: loss and logging
 
 
+@pytest.mark.slow
 def test_moe_run_logs_cross_entropy_plus_aux_and_its_parts(corpus, tmp_path, data):
     """python -m train on a MoE preset (alpha_hill on Muon): the logged step-1 loss is
     CE + 1e-3 z-loss + 1e-2 balance loss of the initial model on the first batch, and
@@ -214,6 +215,7 @@ def test_relative_on_moe_applies_the_moe_table(source, corpus, tmp_path, data):
 # -------------------------------------------------------------- init_grad's start point
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, extra, start", [
     ("init_grad", {}, "model"), ("init_grad", {"init_grad_train_init": "paper"}, "paper"),
     ("uniform", {"fan_in_start": True}, "paper")])

@@ -88,6 +88,7 @@ def test_accumulation_counts_real_updates(method, pass_apply):
     assert max(moved) > 0.01, "the factors should have moved away from 1"
 
 
+@pytest.mark.slow
 def test_accumulated_run_matches_the_larger_batch(corpus, tmp_path):
     # The training windows are shuffled before batching, so two micro-batches of 2
     # are exactly the rows of one batch of 4: the same trajectory up to float rounding.

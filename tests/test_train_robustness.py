@@ -61,6 +61,7 @@ def _train_until_signal(argv: list[str], sig: int) -> tuple[int, str, str]:
     return proc.returncode, "".join(lines) + out, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_the_step_saves_and_resumes(sig, corpus, tmp_path):
     out, cache = tmp_path / "run", tmp_path / "xla_cache"
