@@ -41,7 +41,8 @@ def _mock_suite(tmp_path) -> pathlib.Path:
     tests.mkdir()
     (tests / "__init__.py").write_text("")
     shutil.copy(ROOT / "tests" / "_fast_compile.py", tests / "_fast_compile.py")
-    many = "import pytest\n\n@pytest.mark.parametrize('i', range({n}))\ndef test_{name}(i):\n    pass\n"
+    many = ("import pytest\n\n@pytest.mark.parametrize('i', range({n}))\n"
+            "def test_{name}(i):\n    pass\n")
     (tests / "test_mesh_train.py").write_text(many.format(n=6, name="mesh"))
     (tests / "test_sharding.py").write_text(many.format(n=4, name="sharding"))
     (tests / "test_other.py").write_text(
