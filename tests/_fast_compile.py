@@ -32,6 +32,8 @@ def with_fast_compile(xla_flags: str) -> str:
 
 def install() -> None:
     """Extends this process's `XLA_FLAGS` (unless `LLR_TEST_FULL_XLA_OPT=1`)."""
-    if os.environ.get("LLR_TEST_FULL_XLA_OPT") != "1":
+    opt_out = os.environ.get("LLR_TEST_FULL_XLA_OPT", "")
+    if opt_out not in ("", "0", "1"):
+        raise ValueError(f"LLR_TEST_FULL_XLA_OPT must be 0 or 1, got {opt_out!r}")
+    if opt_out != "1":
         os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
-

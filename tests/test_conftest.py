@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from tests import _fast_compile
 
@@ -75,3 +76,9 @@ def test_each_child_check_module_runs_whole_on_one_xdist_worker(tmp_path):
     assert len(worker_of["tests/test_sharding.py"]) == 1, worker_of
     # The control: the ordinary module's tests are spread over both workers.
     assert worker_of["tests/test_other.py"] == {"gw0", "gw1"}, worker_of
+
+
+def test_an_unclear_opt_out_value_is_refused(monkeypatch):
+    monkeypatch.setenv("LLR_TEST_FULL_XLA_OPT", "yes")
+    with pytest.raises(ValueError, match="must be 0 or 1, got 'yes'"):
+        _fast_compile.install()

@@ -44,6 +44,8 @@ from train import __main__ as cli
 from train import config as config_lib
 from train import option_text
 
+from tests import _fast_compile
+
 PARENT_XLA_FLAGS = os.environ.get("XLA_FLAGS")
 CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mesh_train_check.py")
 RUNS = ("uniform/adamw", "alpha_hill/adamw", "uniform/muon", "moe-uniform/muon")
@@ -53,12 +55,12 @@ PARAM_UPDATE_RTOL = 1e-3
 
 def _run_child(workdir) -> dict:
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith(("--xla_force_host_platform_device_count",
-                                  "--xla_backend_optimization_level"))]
-    env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=8",
-                                         "--xla_backend_optimization_level=0",
-                                         "--xla_llvm_disable_expensive_passes=true"])
+    # The suite's fast-compile flags, always (even under LLR_TEST_FULL_XLA_OPT=1): both sides
+    # of every comparison run in this child.
+    replaced = ("--xla_force_host_platform_device_count", *_fast_compile.FLAGS)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(replaced)]
+    env["XLA_FLAGS"] = _fast_compile.with_fast_compile(
+        " ".join(flags + ["--xla_force_host_platform_device_count=8"]))
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run([sys.executable, CHECK, str(workdir)], env=env, capture_output=True,
                           text=True, timeout=900, check=False)
