@@ -434,3 +434,14 @@ def test_budget_left_is_in_minutes_when_short_and_hours_when_long():
     long = [SimpleNamespace(cpu_seconds=1200.0)] * 3   # 20 min: 9 x 20 = 3 h
     assert "about 3 CPU-hours at the median 20.0 CPU-min" in results_page.budget_left(plans, long)
     assert results_page.budget_left([SimpleNamespace(runs_left=0)], short) == ""
+
+
+def test_software_line_counts_the_runs_of_each_version_set():
+    new, newer = "jax 0.10.2, numpy 2.4.6", "jax 0.11.2, numpy 2.4.6"
+    records = [SimpleNamespace(software=s) for s in (new, newer, new, "", "")]
+    assert results_page.software_line(records) == (
+        "- **Software.** jax 0.10.2, numpy 2.4.6 (2 runs); jax 0.11.2, numpy 2.4.6 (1 run); "
+        "not recorded (2 runs, kept before runs recorded them).")
+    assert results_page.software_line([SimpleNamespace(software=new)]) == (
+        "- **Software.** jax 0.10.2, numpy 2.4.6 (1 run).")
+    assert results_page.software_line([]) == "- **Software.** no runs yet."

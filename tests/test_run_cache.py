@@ -4,11 +4,15 @@ import gzip
 import hashlib
 import json
 import math
+import os
+from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
-from train import run_cache
+from train import run_cache, run_ledger
 from train.config import TrainConfig
 from train.run_cache import RunCache, RunFailed, RunInterrupted
 
@@ -140,6 +144,32 @@ def test_ledger_keeps_what_the_page_reads_and_a_fresh_cache_trains_nothing_it_ha
     assert (again.wall_seconds, again.cpu_seconds) == (record.wall_seconds, record.cpu_seconds)
     assert again.records("eval") == record.records("eval") and again.records("train") == []
     assert RunCache(tmp_path / "b", FakeLauncher([])).lookup(cfg()) is None   # no ledger
+
+
+def test_a_run_records_its_package_versions_and_machine_and_the_ledger_keeps_them(tmp_path):
+    ledger = tmp_path / "ledger"
+    record = RunCache(tmp_path / "a", FakeLauncher([0]), ledger).run(cfg())
+    # Read independently of run_cache: what pip installed, and the CPU Linux reports.
+    installed = {name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")}
+    assert record.software == (
+        f"jax {installed['jax']}, jaxlib {installed['jaxlib']}, flax {installed['flax']}, "
+        f"optax {installed['optax']}, numpy {np.__version__}")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        if names:
+            assert record.device == f"CPU ({os.cpu_count()} cores, {' '.join(names[0].split())})"
+    again = RunCache(tmp_path / "b", FakeLauncher([]), ledger).lookup(cfg())
+    assert (again.software, again.device) == (record.software, record.device)
+
+    # An entry kept before runs recorded versions reads back as "" (not an error).
+    name = run_cache.run_name(cfg(seed=5))
+    outcome = {"config": cfg(seed=5).to_dict(), "status": "finished", "wall_seconds": 1.0,
+               "cpu_seconds": 1.0, "finished_at": "2026-11-30 10:00:00", "device": "CPU (2 cores)"}
+    run_ledger.keep(ledger, name, outcome, [{"kind": "eval", "step": 4, "val_loss": 2.5}])
+    old = RunCache(tmp_path / "c", FakeLauncher([]), ledger).lookup(cfg(seed=5))
+    assert (old.software, old.device, old.final_loss) == ("", "CPU (2 cores)", 2.5)
 
 
 def test_a_real_child_run_through_python_m_train(tmp_path):

@@ -9,6 +9,7 @@ people maintain, e.g. the MoE comparison).
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,6 +89,19 @@ def budget_left(plans: list, records: list) -> str:
     return line + " (more if a ladder must be extended)."
 
 
+def software_line(records: list) -> str:
+    """The package versions the runs recorded, with how many runs each (runs kept before
+    the cache recorded versions are counted as such)."""
+    def runs(n: int) -> str:
+        return f"{n} run{'s' if n != 1 else ''}"
+
+    counts = collections.Counter(rec.software for rec in records)
+    parts = [f"{software} ({runs(n)})" for software, n in sorted(counts.items()) if software]
+    if counts[""]:
+        parts.append(f"not recorded ({runs(counts[''])}, kept before runs recorded them)")
+    return f"- **Software.** {'; '.join(parts) or 'no runs yet'}."
+
+
 def write(g: Grid, path: Path, command: str, date: str) -> None:
     """Writes the page and its figures next to it."""
     results = [g.result(cell) for cell in g.page_cells]
@@ -122,6 +136,7 @@ def write(g: Grid, path: Path, command: str, date: str) -> None:
     devices = sorted({rec.device for rec in records if rec.device})
     text += ["", "## Setup and departures from the papers", "",
              f"- **Hardware.** The runs ran on: {', '.join(devices) or 'nothing yet'}.",
+             software_line(records),
              *results_setup.setup_lines(g), *results_setup.departure_lines(g), ""]
 
     figures = {}

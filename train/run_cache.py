@@ -5,7 +5,8 @@ field except where it is written and how it is displayed), so asking for the sam
 configuration twice trains once. Layout under the cache root::
 
     <name>/                 the run directory (metrics.jsonl, checkpoints/, train.log)
-    <name>.json             its outcome: status, config, wall and CPU seconds
+    <name>.json             its outcome: status, config, wall and CPU seconds, device
+                            and package versions
     <name>.lock             locked while a process trains it (the run directory holds
                             nothing but the trainer's own files)
     requests/<name>.json    the config handed to ``python -m train --config``
@@ -121,7 +122,9 @@ class RunRecord:
       wall_seconds: The child process's wall time (start-up and compiling included).
       cpu_seconds: Its user + system CPU time.
       directory: The run directory in the cache (absent if the run came from the ledger).
-      device: What it ran on (e.g. ``"cpu x 2 cores"``, ``"gpu NVIDIA H200"``).
+      device: What it ran on (e.g. ``"CPU (2 cores, AMD EPYC)"``, ``"1 x NVIDIA H200"``).
+      software: The versions it ran with (:func:`software_versions`); ``""`` for runs
+        recorded before runs kept them.
       metrics: Its ``metrics.jsonl`` records (the ledger keeps the kinds the page reads).
     """
 
@@ -132,6 +135,7 @@ class RunRecord:
     cpu_seconds: float
     directory: Path
     device: str = ""
+    software: str = ""
     metrics: list[dict] = dataclasses.field(default_factory=list)
 
     @property
@@ -157,8 +161,43 @@ def device_name() -> str:
 
     device = jax.devices()[0]
     if device.platform == "cpu":
-        return f"CPU ({os.cpu_count()} cores)"
+        model = _cpu_model()
+        return f"CPU ({os.cpu_count()} cores{', ' + model if model else ''})"
     return f"{jax.device_count()} x {device.device_kind}"
+
+
+def _cpu_model() -> str:
+    """The processor's model name from /proc/cpuinfo (Linux), else ``""``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    return ""
+
+
+# The packages whose versions decide a run's numbers: two runs of one config on one kind of
+# machine agree bit for bit only under the same versions (XLA's kernels change between
+# jaxlib releases), so a retrained run that differs from its ledger entry can be told apart
+# from a change in our code.
+SOFTWARE = ("jax", "jaxlib", "flax", "optax", "numpy")
+
+
+def software_versions() -> str:
+    """``"jax 0.10.2, jaxlib 0.10.2, ..."``: the installed versions of :data:`SOFTWARE`
+    (the child trains with this interpreter, so with these)."""
+    from importlib import metadata  # pylint: disable=import-outside-toplevel
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    return ", ".join(f"{name} {version(name)}" for name in SOFTWARE)
 
 
 Launcher = Callable[[Path, Path], int]
@@ -238,7 +277,8 @@ class RunCache:
                  for r in metrics if r["kind"] == "eval" and r.get("val_loss") is not None]
         return RunRecord(config=info["config"], status=info["status"], evals=evals,
                          wall_seconds=info["wall_seconds"], cpu_seconds=info["cpu_seconds"],
-                         directory=directory, device=info.get("device", ""), metrics=metrics)
+                         directory=directory, device=info.get("device", ""),
+                         software=info.get("software", ""), metrics=metrics)
 
     def lock_path(self, cfg: TrainConfig) -> Path:
         """The file a process training ``cfg`` holds locked."""
@@ -289,7 +329,8 @@ class RunCache:
         info = {"config": cfg.to_dict(), "returncode": code,
                 "wall_seconds": wall + previous.get("wall_seconds", 0.0),
                 "cpu_seconds": cpu + previous.get("cpu_seconds", 0.0),
-                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_name()}
+                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_name(),
+                "software": software_versions()}
         # Exit status 1 is also Python's for a crash: divergence is the one with a record.
         diverged = code == _EXIT_DIVERGED and any(
             r["kind"] == "diverged" for r in read_metrics(directory / "metrics.jsonl"))

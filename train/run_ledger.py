@@ -4,12 +4,12 @@ A run cache (:mod:`train.run_cache`) keeps each run's checkpoints and full logs,
 ``tiny`` run, outside the checkout, so it is lost with the machine: a page built over
 several sittings could then no longer be regenerated, nor its grid resumed, without
 training every run again (this happened once, to 74 runs). The ledger keeps, per done
-run, only what the page reads: the outcome (config, status, wall and CPU seconds, device)
-and the run's evaluation, alpha and scale records (not its per-step training losses):
-a few kB for a uniform run, ~70 kB for an alpha_hill one (1 MB before compression: a scale
-record per step of each ramp, every one of which the page's mean factors weigh), small
-enough to commit. With it, a fresh clone regenerates the page and a grid resumed on
-another machine trains only what the ledger lacks.
+run, only what the page reads: the outcome (config, status, wall and CPU seconds, device,
+package versions) and the run's evaluation, alpha and scale records (not its per-step
+training losses): a few kB for a uniform run, ~70 kB for an alpha_hill one (1 MB before
+compression: a scale record per step of each ramp, every one of which the page's mean
+factors weigh), small enough to commit. With it, a fresh clone regenerates the page and a
+grid resumed on another machine trains only what the ledger lacks.
 
 Layout: ``<ledger>/<run name>.json.gz`` (:func:`train.run_cache.run_name`), one gzipped
 JSON object ``{"outcome": {...}, "records": [...]}`` with one record per line (``zcat`` it
@@ -28,7 +28,8 @@ from typing import Any
 # The metrics.jsonl records the results page reads (train/report.py, results_page.py).
 KEPT_KINDS = ("eval", "alpha", "scale", "diverged")
 # Outcome fields kept (run_cache writes these, plus its exit status).
-_OUTCOME_FIELDS = ("config", "status", "wall_seconds", "cpu_seconds", "finished_at", "device")
+_OUTCOME_FIELDS = ("config", "status", "wall_seconds", "cpu_seconds", "finished_at", "device",
+                   "software")
 
 
 def entry_path(ledger: str | os.PathLike, name: str) -> Path:
