@@ -146,6 +146,19 @@ def test_ledger_keeps_what_the_page_reads_and_a_fresh_cache_trains_nothing_it_ha
     assert RunCache(tmp_path / "b", FakeLauncher([])).lookup(cfg()) is None   # no ledger
 
 
+def test_describe_cpu_names_model_family_and_widest_vector_isa():
+    # Two processors as a 2-core VM reports them: only the first block is read.
+    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+            "model name\t: AMD  EPYC\nflags\t\t: fpu sse2 avx avx2 avx512f avx512bw\n\n"
+            "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: other\n"
+            "flags\t\t: avx\n")
+    assert run_cache.describe_cpu(text) == "AMD EPYC, family 26 model 2, AVX-512"
+    no_avx512 = text.replace(" avx512f avx512bw", "")
+    assert run_cache.describe_cpu(no_avx512) == "AMD EPYC, family 26 model 2, AVX2"
+    # An ARM machine's cpuinfo has none of these fields: nothing rather than a guess.
+    assert run_cache.describe_cpu("processor\t: 0\nFeatures\t: fp asimd\nCPU part\t: 0xd0c\n") == ""
+
+
 def test_a_run_records_its_package_versions_and_machine_and_the_ledger_keeps_them(tmp_path):
     ledger = tmp_path / "ledger"
     record = RunCache(tmp_path / "a", FakeLauncher([0]), ledger).run(cfg())
@@ -156,10 +169,8 @@ def test_a_run_records_its_package_versions_and_machine_and_the_ledger_keeps_the
         f"optax {installed['optax']}, numpy {np.__version__}")
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        if names:
-            assert record.device == f"CPU ({os.cpu_count()} cores, {' '.join(names[0].split())})"
+        cpu = run_cache.describe_cpu(cpuinfo.read_text())
+        assert record.device == f"CPU ({os.cpu_count()} cores{', ' + cpu if cpu else ''})"
     again = RunCache(tmp_path / "b", FakeLauncher([]), ledger).lookup(cfg())
     assert (again.software, again.device) == (record.software, record.device)
 

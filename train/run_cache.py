@@ -122,7 +122,8 @@ class RunRecord:
       wall_seconds: The child process's wall time (start-up and compiling included).
       cpu_seconds: Its user + system CPU time.
       directory: The run directory in the cache (absent if the run came from the ledger).
-      device: What it ran on (e.g. ``"CPU (2 cores, AMD EPYC)"``, ``"1 x NVIDIA H200"``).
+      device: What it ran on (e.g. ``"CPU (2 cores, AMD EPYC, family 26 model 2, AVX-512)"``,
+        ``"1 x NVIDIA H200"``).
       software: The versions it ran with (:func:`software_versions`); ``""`` for runs
         recorded before runs kept them.
       metrics: Its ``metrics.jsonl`` records (the ledger keeps the kinds the page reads).
@@ -167,16 +168,35 @@ def device_name() -> str:
 
 
 def _cpu_model() -> str:
-    """The processor's model name from /proc/cpuinfo (Linux), else ``""``."""
+    """This machine's processor (:func:`describe_cpu` of /proc/cpuinfo on Linux), else ``""``."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    return " ".join(value.split())
+        return describe_cpu(Path("/proc/cpuinfo").read_text(encoding="utf-8"))
     except OSError:
-        pass
-    return ""
+        return ""
+
+
+# Widest first: the vector instruction sets XLA's CPU backend may compile for.
+_VECTOR_ISAS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
+
+
+def describe_cpu(cpuinfo: str) -> str:
+    """``"AMD EPYC, family 26 model 2, AVX-512"`` from the text of /proc/cpuinfo.
+
+    The model name alone is not enough: a virtual machine may report only "AMD EPYC" for
+    several generations, and XLA compiles for the host's widest vector instruction set, which
+    changes how sums are split (capping this machine at AVX2 moves a Muon run's training loss
+    in its 7th digit by step 20), so runs on two such CPUs can differ.
+    """
+    fields: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n")[0].splitlines():   # the first processor's block
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), " ".join(value.split()))
+    parts = [fields.get("model name", "")]
+    if "cpu family" in fields and "model" in fields:
+        parts.append(f"family {fields['cpu family']} model {fields['model']}")
+    flags = set(fields.get("flags", "").split())
+    parts.append(next((name for flag, name in _VECTOR_ISAS if flag in flags), ""))
+    return ", ".join(part for part in parts if part)
 
 
 # The packages whose versions decide a run's numbers: two runs of one config on one kind of
