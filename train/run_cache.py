@@ -184,8 +184,8 @@ def describe_cpu(cpuinfo: str) -> str:
 
     The model name alone is not enough: a virtual machine may report only "AMD EPYC" for
     several generations, and XLA compiles for the host's widest vector instruction set, which
-    changes how sums are split (capping this machine at AVX2 moves a Muon run's training loss
-    in its 7th digit by step 20), so runs on two such CPUs can differ.
+    changes how sums are split (on an AMD family 26 machine, capping XLA at AVX2 moves a Muon
+    run's training loss in its 7th digit by step 20), so runs on two such CPUs can differ.
     """
     fields: dict[str, str] = {}
     for line in cpuinfo.split("\n\n")[0].splitlines():   # the first processor's block
